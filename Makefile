@@ -1,0 +1,42 @@
+# The two commands of the README:  `make demo`  and  `make test`.
+# Both create .venv (if missing) and install the pinned environment first.
+
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel of torch goes in first, so that installing monai never pulls a multi-GB CUDA build.
+# On a GPU machine: make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.isl-installed
+PROFILE ?= quick
+DEMO_DATA ?= data/synthetic
+DEMO_OUT  ?= outputs/demo
+
+.PHONY: setup demo test lint lab clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[notebooks,test]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name isl-kit --display-name "isl-kit (.venv)" >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/isl data synth $(DEMO_DATA)
+	$(BIN)/isl demo $(DEMO_DATA) --out $(DEMO_OUT) --profile $(PROFILE)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks
+
+clean-venv:
+	rm -rf $(VENV)
