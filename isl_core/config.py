@@ -130,6 +130,7 @@ class RefineConfig:
     beta: float = 0.6
     ema_every: int = 10  # also update the moving average every this many fine-tuning steps (0: only per round)
     malf_blend: float = 0.5  # isl-mask-ema-malf: initial M = blend * MALF + (1 - blend) * P
+    appearance: str = "match"  # "match": warped atlases take x*'s organ intensities and noise (guided by M); "none"
 
 
 @dataclass
@@ -214,3 +215,13 @@ def get_profile(name: str = "quick") -> Profile:
     if name not in _PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILE_NAMES)}")
     return copy.deepcopy(_PROFILES[name]())
+
+
+
+#: The synthetic cohort each profile uses when no dataset is given (``isl reproduce``, notebooks, tests);
+#: ``quick`` and ``paper`` use the default cohort of ``isl data synth``. See ``phantoms.cohort_for_profile``.
+SYNTH_COHORTS: dict[str, dict[str, Any]] = {
+    "ci": {"n_train": 6, "n_val": 3, "size": (64, 64, 40)},
+    "quick": {"n_train": 12, "n_val": 6, "size": (96, 96, 64)},
+    "paper": {"n_train": 12, "n_val": 6, "size": (96, 96, 64)},
+}

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from isl_core.config import BTCV_LABELS
+from isl_core.config import BTCV_LABELS, SYNTH_COHORTS
 
 #: Field of view in mm (x: right->left, y: posterior->anterior, z: inferior->superior), fixed whatever the size.
 FOV_MM = (384.0, 384.0, 320.0)
@@ -195,6 +195,11 @@ class CohortSpec:
     def fingerprint(self) -> str:
         doc = {**asdict(self), "generator": PHANTOM_VERSION}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cohort_for_profile(profile: str, seed: int = 0) -> CohortSpec:
+    """The synthetic cohort that goes with a profile (``config.SYNTH_COHORTS``)."""
+    return CohortSpec(seed=seed, **SYNTH_COHORTS[profile])
 
 
 def write_cohort(out: str | Path, spec: CohortSpec | None = None, force: bool = False) -> Path:

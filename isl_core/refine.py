@@ -1,0 +1,233 @@
+"""Stage 3: inference-specific learning (ISL) for one inference image x*.
+
+    f <- copy of f0 ;  P <- softmax(f(x*)) ;  M <- P            (or an initial mask given by the caller)
+    for r = 1..R:
+        D* <- every training case deformed onto x*  (Stage 2; mask supervision uses M as the target)
+        fine-tune f on D*; every ``ema_every`` steps and at the end of the round:
+            P <- softmax(f(x*)) ;  M <- beta * M + (1 - beta) * P     (moving average on)
+        at the end of the round without the moving average:  M <- P
+    final segmentation: argmax(M) (moving average on) or argmax(P) (off)
+
+Why a moving average: a single fine-tuning round can overfit the warped atlases and flip a prediction;
+averaging the probability maps over the learning process keeps what is stable. Why update it *during* the
+rounds: with only one update per round, M keeps most of the baseline's errors (``docs/paper_reconstruction.md``).
+
+``f0`` is never modified: every inference case adapts its own copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from isl_core.config import Profile
+from isl_core.register import RegistrationResult, register_atlases
+from isl_core.runtime import resolve_device
+from isl_core.segment import loss_function, predict_proba, train_step
+
+
+@dataclass
+class RoundRecord:
+    """What one round produced (kept on the CPU so notebooks can show how the estimate evolves)."""
+
+    round: int
+    target_mask: torch.Tensor  # M used as the registration target in this round (C,*S)
+    probs: torch.Tensor  # P at the end of the round (C,*S)
+    mask: torch.Tensor  # M at the end of the round (C,*S)
+    warped_images: torch.Tensor | None  # (N,1,*S)
+    warped_labels: torch.Tensor | None  # (N,*S)
+    folding_fraction: torch.Tensor  # (N,)
+    finetune_losses: list[float]
+    seconds: dict[str, float]
+
+
+@dataclass
+class ISLResult:
+    probs0: torch.Tensor  # baseline P = softmax(f0(x*)) (C,*S)
+    final_probs: torch.Tensor  # M (moving average on) or P (off) after the last round (C,*S)
+    rounds: list[RoundRecord] = field(default_factory=list)
+    mask_updates: list[torch.Tensor] = field(default_factory=list)  # M after every update (C,*S), if kept
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.final_probs.argmax(0)
+
+
+def ema_update(mask: torch.Tensor, probs: torch.Tensor, beta: float) -> torch.Tensor:
+    """The moving average of the predicted mask: ``M <- beta * M + (1 - beta) * P``."""
+    return beta * mask + (1.0 - beta) * probs
+
+
+def _update_steps(steps: int, every: int) -> set[int]:
+    """Fine-tuning steps after which the moving average is updated: every ``every`` steps and the last one."""
+    marks = set(range(every, steps + 1, every)) if every > 0 else set()
+    return marks | {steps}
+
+
+def _noise_sigma(images: torch.Tensor) -> torch.Tensor:
+    """Per-volume noise level: robust std (MAD) of the residual after a 3x3x3 mean filter, (B,1,...)."""
+    smooth = torch.nn.functional.avg_pool3d(images, 3, stride=1, padding=1, count_include_pad=False)
+    resid = (images - smooth).flatten(1)
+    mad = (resid - resid.median(dim=1, keepdim=True).values).abs().median(dim=1).values
+    return (1.4826 * mad * (27 / 26) ** 0.5).view(-1, *([1] * (images.ndim - 1)))
+
+
+def match_appearance(warped_images: torch.Tensor, warped_onehot: torch.Tensor, image: torch.Tensor,
+                     mask: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Give the warped atlases the inference image's appearance: organ intensities and noise level.
+
+    The atlases carry the *training* cohort's appearance (contrast phase, dose); deformation alone makes
+    them match x* in shape only. For every class k the atlas intensities inside its (warped) label are
+    shifted by ``mean(x* | M_k) - mean(atlas_i | y_i = k)``, where the current mask estimate M tells where class
+    k lies in x*; then noise is added up to x*'s noise level. As M improves over the rounds, so does the
+    match. (A kit extension beyond the paper's abstract; ``refine.appearance = "none"`` turns it off.)
+
+    Shapes: warped_images (N,1,*S), warped_onehot (N,C,*S), image (1,1,*S), mask (C,*S) or (1,C,*S).
+    """
+    m = mask.reshape(1, -1, *image.shape[2:]).to(image)
+    w = warped_onehot.to(warped_images)
+    target_mean = (m * image).flatten(2).sum(-1) / m.flatten(2).sum(-1).clamp_min(1e-3)  # (1,C)
+    atlas_mean = (w * warped_images).flatten(2).sum(-1) / w.flatten(2).sum(-1).clamp_min(1e-3)  # (N,C)
+    present = (m.flatten(2).sum(-1) > 1.0) & (w.flatten(2).sum(-1) > 1.0)  # both sides must show the class
+    shift = torch.where(present, target_mean - atlas_mean, torch.zeros_like(atlas_mean))  # (N,C)
+    out = warped_images + (w * shift[..., None, None, None]).sum(1, keepdim=True)
+    extra = (_noise_sigma(image) ** 2 - _noise_sigma(warped_images) ** 2).clamp_min(0).sqrt()
+    noise = torch.randn(out.shape, generator=gen).to(out) if gen is not None else torch.randn_like(out)
+    return (out + extra * noise).clamp(0, 1)
+
+
+def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Light intensity augmentation on the device: scale, shift and gamma per sample, plus noise.
+
+    Warped atlases all share the training cohort's appearance; jittering it keeps the fine-tuned network
+    from tying organ identity to one exact intensity.
+    """
+    b = images.shape[0]
+    shape = (b,) + (1,) * (images.ndim - 1)
+    rand = torch.rand((4, *shape), generator=gen).to(images.device)
+    gamma = 0.8 + 0.45 * rand[0]
+    out = images.clamp(0, 1) ** gamma * (0.9 + 0.2 * rand[1]) + (rand[2] - 0.5) * 0.1
+    noise = torch.randn(images.shape, generator=gen).to(images.device) * 0.03 * rand[3]
+    return out + noise
+
+
+def _random_patches(images: torch.Tensor, labels: torch.Tensor, patch: tuple[int, ...], gen: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random patch per sample (the same window for image and label); whole volumes when they fit."""
+    size = images.shape[2:]
+    if all(p >= s for p, s in zip(patch, size)):
+        return images, labels
+    starts = [int(torch.randint(0, max(s - p, 0) + 1, (1,), generator=gen)) for s, p in zip(size, patch)]
+    window = tuple(slice(st, st + min(p, s)) for st, p, s in zip(starts, patch, size))
+    return images[(..., *window)], labels[(..., *window)]
+
+
+class Finetuner:
+    """Fine-tunes one network on an inference-specific training set, batch by batch."""
+
+    def __init__(self, net: nn.Module, profile: Profile, device: torch.device, seed: int):
+        self.net, self.profile, self.device = net, profile, device
+        cfg = profile.refine
+        self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=profile.segment.weight_decay)
+        self.loss_fn = loss_function()
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batch(self, images: torch.Tensor, labels: torch.Tensor, originals: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.profile.refine
+        n_orig = int(round(cfg.mix_original * cfg.batch_size)) if originals is not None else 0
+        pick = torch.randint(0, images.shape[0], (cfg.batch_size - n_orig,), generator=self.gen)
+        x, y = images[pick], labels[pick]
+        if n_orig:
+            pick_o = torch.randint(0, originals[0].shape[0], (n_orig,), generator=self.gen)
+            x = torch.cat([x, originals[0][pick_o]])
+            y = torch.cat([y, originals[1][pick_o]])
+        x, y = _random_patches(x, y[:, None], self.profile.segment.patch_size, self.gen)
+        return _augment(x, self.gen).to(self.device), y.to(self.device)
+
+    def step(self, images, labels, originals=None) -> float:
+        x, y = self.batch(images, labels, originals)
+        return train_step(self.net, self.opt, x, y, self.loss_fn, self.profile.segment.grad_clip,
+                          self.profile.segment.amp)
+
+
+def adapt(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atlas_labels: torch.Tensor,
+          profile: Profile, num_classes: int, supervision: str | None = None, ema: bool | None = None,
+          beta: float | None = None, initial_mask: torch.Tensor | None = None,
+          first_registration: RegistrationResult | None = None, mix_original: bool = False,
+          keep_atlases: bool = True, device: str | torch.device = "auto", seed: int = 0,
+          on_round: Callable[[RoundRecord], None] | None = None) -> ISLResult:
+    """Run ISL on one inference image ``image`` (1,*S) with atlases (N,1,*S) / (N,*S) on the same grid.
+
+    ``supervision``, ``ema`` and ``beta`` override the profile (``profile.register.supervision``,
+    ``profile.refine.ema``, ``profile.refine.beta``). ``initial_mask`` replaces M0 = P0 (the
+    ``isl-mask-ema-malf`` variant). ``first_registration`` reuses a registration already computed for round 1
+    with the same target (the experiment shares them between methods).
+    """
+    device = resolve_device(device)
+    reg_cfg = copy.deepcopy(profile.register)
+    reg_cfg.supervision = supervision or reg_cfg.supervision
+    ema = profile.refine.ema if ema is None else ema
+    beta = profile.refine.beta if beta is None else beta
+    cfg = profile.refine
+    t_start = time.perf_counter()
+
+    net = copy.deepcopy(net0).to(device)  # f0 itself is never touched
+    x = torch.as_tensor(image).as_subclass(torch.Tensor).float()
+    x = x[None] if x.ndim == 4 else x
+    predict = lambda: predict_proba(net, x, profile.segment, device)[0].cpu()  # noqa: E731
+    t0 = time.perf_counter()
+    probs = predict()
+    seconds = {"inference": time.perf_counter() - t0, "registration": 0.0, "finetune": 0.0}
+    mask = probs.clone() if initial_mask is None else torch.as_tensor(initial_mask).float().cpu()
+    result = ISLResult(probs0=probs.clone(), final_probs=probs, mask_updates=[mask.clone()])
+    tuner = Finetuner(net, profile, device, seed)
+    originals = (atlas_images, atlas_labels.long()) if (mix_original or cfg.mix_original > 0) else None
+
+    for r in range(1, cfg.rounds + 1):
+        target = mask.clone()
+        t0 = time.perf_counter()
+        if r == 1 and first_registration is not None:
+            reg = first_registration
+        else:
+            reg = register_atlases(x, atlas_images, atlas_labels, reg_cfg, num_classes,
+                                   target_mask=target[None] if reg_cfg.supervision != "intensity" else None,
+                                   device=device)
+        t_reg = time.perf_counter() - t0
+        warped_x, warped_y = reg.warped_images.detach().cpu(), reg.warped_labels.detach().cpu().long()
+        if cfg.appearance == "match":
+            warped_x = match_appearance(warped_x, reg.warped_onehot.detach().cpu(), x.cpu(), target, tuner.gen)
+        losses, t_inf, t0 = [], 0.0, time.perf_counter()
+        marks = _update_steps(cfg.finetune_steps, cfg.ema_every if ema else 0)
+        for step in range(1, cfg.finetune_steps + 1):
+            losses.append(tuner.step(warped_x, warped_y, originals))
+            if step in marks:
+                t1 = time.perf_counter()
+                probs = predict()
+                mask = ema_update(mask, probs, beta) if ema else probs
+                result.mask_updates.append(mask.clone())
+                t_inf += time.perf_counter() - t1
+        if cfg.finetune_steps == 0:
+            probs = predict()
+            mask = ema_update(mask, probs, beta) if ema else probs
+        t_ft = time.perf_counter() - t0 - t_inf
+        seconds["registration"] += t_reg
+        seconds["finetune"] += t_ft
+        seconds["inference"] += t_inf
+        record = RoundRecord(r, target, probs.clone(), mask.clone(), warped_x if keep_atlases else None,
+                             warped_y if keep_atlases else None, reg.folding_fraction.detach().cpu(), losses,
+                             {"registration": t_reg, "finetune": t_ft, "inference": t_inf})
+        result.rounds.append(record)
+        if on_round is not None:
+            on_round(record)
+
+    result.final_probs = mask if ema else probs
+    seconds["total"] = time.perf_counter() - t_start
+    result.seconds = seconds
+    return result

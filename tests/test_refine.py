@@ -1,0 +1,98 @@
+"""The ISL loop with stubbed stages: the moving-average sequence equals the formula; f0 stays untouched."""
+
+import torch
+
+from isl_core import refine
+from isl_core.config import get_profile
+from isl_core.register import RegistrationResult
+
+C, S, N = 3, (8, 8, 8), 2
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.w * x
+
+
+def _stub_stages(monkeypatch, predictions):
+    calls = {"register": [], "steps": 0}
+
+    def fake_predict(net, x, cfg, device):
+        calls.setdefault("predict", []).append(1)
+        return preds_iter(len(calls["predict"]) - 1)[None]
+
+    preds_iter = predictions.__getitem__
+
+    def fake_register(x, imgs, labs, cfg, num_classes, target_mask=None, device="auto"):
+        calls["register"].append((cfg.supervision, None if target_mask is None else target_mask.clone()))
+        return RegistrationResult(torch.zeros(N, 3, *S), torch.zeros(N, 1, *S), torch.zeros(N, C, *S),
+                                  torch.zeros(N, *S, dtype=torch.long), torch.zeros(N))
+
+    def fake_step(net, opt, x, y, loss_fn, clip, amp):
+        with torch.no_grad():
+            net.w += 1.0  # visible change of the adapted copy
+        calls["steps"] += 1
+        return 0.0
+
+    monkeypatch.setattr(refine, "predict_proba", fake_predict)
+    monkeypatch.setattr(refine, "register_atlases", fake_register)
+    monkeypatch.setattr(refine, "train_step", fake_step)
+    return calls
+
+
+def _profile(rounds=2, steps=6, every=3, beta=0.6):
+    p = get_profile("ci")
+    p.refine.rounds, p.refine.finetune_steps, p.refine.ema_every, p.refine.beta = rounds, steps, every, beta
+    p.refine.batch_size = 1
+    return p
+
+
+def _run(monkeypatch, ema, supervision="mask", **kw):
+    gen = torch.Generator().manual_seed(0)
+    preds = [torch.softmax(torch.randn(C, *S, generator=gen), 0) for _ in range(20)]
+    calls = _stub_stages(monkeypatch, preds)
+    net0 = _Net()
+    p = _profile(**kw)
+    res = refine.adapt(net0, torch.rand(1, *S), torch.rand(N, 1, *S), torch.zeros(N, *S, dtype=torch.long), p, C,
+                       supervision=supervision, ema=ema, device="cpu")
+    return res, preds, calls, net0, p
+
+
+def test_moving_average_sequence_equals_the_formula(monkeypatch):
+    res, preds, calls, net0, p = _run(monkeypatch, ema=True)
+    beta = p.refine.beta
+    # P0, then updates after steps 3 and 6 of each of the two rounds: 4 updates
+    expected = [preds[0]]
+    for k in range(1, 5):
+        expected.append(beta * expected[-1] + (1 - beta) * preds[k])
+    assert len(res.mask_updates) == 5
+    for got, want in zip(res.mask_updates, expected):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(res.final_probs, expected[-1])
+    # round r registers onto the mask M as it stood at the start of the round
+    torch.testing.assert_close(calls["register"][0][1][0], expected[0])
+    torch.testing.assert_close(calls["register"][1][1][0], expected[2])
+    assert calls["steps"] == 12
+    assert float(net0.w.detach()) == 0.0  # f0 is never modified
+
+
+def test_without_moving_average_the_final_mask_is_the_last_prediction(monkeypatch):
+    res, preds, calls, _, _ = _run(monkeypatch, ema=False)
+    assert len(res.mask_updates) == 3  # P0, then one M = P per round
+    torch.testing.assert_close(res.final_probs, preds[2])
+    torch.testing.assert_close(calls["register"][1][1][0], preds[1])
+
+
+def test_intensity_supervision_passes_no_target(monkeypatch):
+    _, _, calls, _, _ = _run(monkeypatch, ema=True, supervision="intensity")
+    assert all(s == "intensity" and t is None for s, t in calls["register"])
+
+
+def test_update_schedule():
+    assert refine._update_steps(10, 4) == {4, 8, 10}
+    assert refine._update_steps(10, 0) == {10}
+    assert refine._update_steps(9, 3) == {3, 6, 9}
