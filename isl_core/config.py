@@ -89,6 +89,7 @@ class RegisterConfig:
     """Stage 2: batched instance-optimised deformable registration of atlases onto the inference image."""
 
     supervision: str = "intensity"  # "intensity" | "mask" | "both"
+    supervision_mask: str = "both"  # what the isl-mask* methods use: "mask" (mask term only) or "both" (+ LNCC)
     init: str = "com"  # initial alignment: "com" (centre of mass of the body), "affine" (com + affine) or "none"
     image_scale: float = 1.0  # registration runs on images resampled by this factor
     field_scale: float = 0.5  # displacement grid relative to the registration grid
@@ -106,6 +107,7 @@ class RegisterConfig:
     affine_iterations: int = 40  # init "affine": Adam steps on a 12-parameter affine after the com step
     affine_lr: float = 0.01  # init "affine": step in normalised coordinates ([-1, 1] spans the field of view)
     lncc_var_floor: float = 1e-4  # local variance below this counts as flat (no information) in the LNCC
+    mask_grid: str = "field"  # soft Dice evaluated on the "field" grid (cheap with many organs) or the "image" grid
 
 
 @dataclass
@@ -130,6 +132,7 @@ class RefineConfig:
     beta: float = 0.6
     ema_every: int = 10  # also update the moving average every this many fine-tuning steps (0: only per round)
     malf_blend: float = 0.5  # isl-mask-ema-malf: initial M = blend * MALF + (1 - blend) * P
+    mask_from_round: int = 2  # mask-supervised alignment starts here; earlier rounds align intensities only
     appearance: str = "match"  # "match": warped atlases take x*'s organ intensities and noise (guided by M); "none"
 
 
@@ -172,8 +175,8 @@ def _ci() -> Profile:
         data=DataConfig(spacing=(8.0, 8.0, 10.0), shape=(48, 48, 32)),
         segment=SegmentConfig(channels=(8, 16, 32), strides=(2, 2), max_steps=60, val_every=30,
                               checkpoint_every=30, patch_size=(48, 48, 32), batch_size=2, num_samples=1),
-        register=RegisterConfig(iterations=30, levels=2),
-        refine=RefineConfig(rounds=2, finetune_steps=10, ema_every=5),
+        register=RegisterConfig(iterations=15, levels=2),
+        refine=RefineConfig(rounds=2, finetune_steps=6, batch_size=2, ema_every=3),
     )
 
 

@@ -56,8 +56,9 @@ def _check_out(out: Path, settings: dict, force: bool) -> None:
     path = out / "experiment.json"
     if path.is_file() and not force:
         old = json.loads(path.read_text())
+        # compare as stored: a JSON round trip turns the profile's tuples into lists
         same = {k: old.get(k) for k in ("dataset", "profile", "seed", "model")} == \
-               {k: settings[k] for k in ("dataset", "profile", "seed", "model")}
+               json.loads(json.dumps({k: settings[k] for k in ("dataset", "profile", "seed", "model")}))
         if not same:
             raise FileExistsError(f"{path}: this folder holds an experiment with other settings; use another --out, "
                                   "or --force to recompute every case with the new settings")
@@ -104,7 +105,10 @@ class CaseRunner:
         p0 = predict_proba(self.net0, x, self.profile.segment, self.device)[0].cpu()
         t_base = time.perf_counter() - t0
         out["baseline"] = (p0, t_base)
-        need_int = any(m in methods for m in ("malf", "isl-intensity", "isl-intensity-ema", "isl-mask-ema-malf"))
+        # round 1 of a mask-supervised method aligns intensities too unless refine.mask_from_round <= 1
+        mask_round1 = self.profile.refine.mask_from_round <= 1
+        need_int = any(m in methods for m in ("malf", "isl-intensity", "isl-intensity-ema", "isl-mask-ema-malf")) \
+            or (not mask_round1 and any(m in methods for m in ("isl-mask", "isl-mask-ema")))
         reg_int, t_int = self._register(x, "intensity") if need_int else (None, 0.0)
         malf, t_malf = None, 0.0
         if "malf" in methods or "isl-mask-ema-malf" in methods:
@@ -112,9 +116,9 @@ class CaseRunner:
             malf = fuse(x, reg_int, self.profile.fusion)[0].cpu()
             t_malf = time.perf_counter() - t0 + t_int
             out["malf"] = (malf, t_malf + t_base)
-        reg_mask0, t_mask0 = (None, 0.0)
-        if "isl-mask" in methods or "isl-mask-ema" in methods:
-            reg_mask0, t_mask0 = self._register(x, "mask", p0)
+        reg_mask0, t_mask0 = (reg_int, t_int)
+        if mask_round1 and ("isl-mask" in methods or "isl-mask-ema" in methods):
+            reg_mask0, t_mask0 = self._register(x, self.profile.register.supervision_mask, p0)
         for method, (supervision, ema, from_malf) in ISL_VARIANTS.items():
             if method not in methods:
                 continue
@@ -122,11 +126,14 @@ class CaseRunner:
             initial, first, shared = None, None, 0.0
             if from_malf:
                 blend = self.profile.refine.malf_blend
-                initial, shared = blend * malf + (1 - blend) * p0, t_malf
+                initial = blend * malf + (1 - blend) * p0
+                first, shared = (None, t_malf) if mask_round1 else (reg_int, t_malf)
             elif supervision == "intensity":
                 first, shared = reg_int, t_int
             else:
                 first, shared = reg_mask0, t_mask0
+            if supervision == "mask":
+                supervision = self.profile.register.supervision_mask
             res = adapt(self.net0, x, self.images, self.labels, self.profile, self.num_classes, supervision=supervision,
                         ema=ema, initial_mask=initial, first_registration=first, keep_atlases=False,
                         device=self.device, seed=self.seed)

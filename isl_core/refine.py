@@ -157,6 +157,20 @@ class Finetuner:
                           self.profile.segment.amp)
 
 
+def reg_cfg_for_round(reg_cfg, r: int, mask_from_round: int):
+    """The registration settings of round ``r``: mask supervision only once M is worth following.
+
+    M0 is the baseline's own prediction, wrong exactly where ISL should help; aligning atlases to it in the
+    first round drags them onto the baseline's errors (measured: docs/paper_reconstruction.md). Rounds before
+    ``mask_from_round`` therefore align intensities only.
+    """
+    if reg_cfg.supervision == "intensity" or r >= mask_from_round:
+        return reg_cfg
+    cfg = copy.deepcopy(reg_cfg)
+    cfg.supervision = "intensity"
+    return cfg
+
+
 def adapt(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atlas_labels: torch.Tensor,
           profile: Profile, num_classes: int, supervision: str | None = None, ema: bool | None = None,
           beta: float | None = None, initial_mask: torch.Tensor | None = None,
@@ -193,11 +207,12 @@ def adapt(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atla
     for r in range(1, cfg.rounds + 1):
         target = mask.clone()
         t0 = time.perf_counter()
+        round_cfg = reg_cfg_for_round(reg_cfg, r, cfg.mask_from_round)
         if r == 1 and first_registration is not None:
             reg = first_registration
         else:
-            reg = register_atlases(x, atlas_images, atlas_labels, reg_cfg, num_classes,
-                                   target_mask=target[None] if reg_cfg.supervision != "intensity" else None,
+            reg = register_atlases(x, atlas_images, atlas_labels, round_cfg, num_classes,
+                                   target_mask=target[None] if round_cfg.supervision != "intensity" else None,
                                    device=device)
         t_reg = time.perf_counter() - t0
         warped_x, warped_y = reg.warped_images.detach().cpu(), reg.warped_labels.detach().cpu().long()

@@ -135,3 +135,210 @@ def slice_viewer(image, labels=None, prediction=None, num_classes: int = 14, win
     box = w.VBox([w.HBox([axis, index]), out])
     display(box)
     return box
+
+
+# ------------------------------------------------------------------------------------------ notebook figures
+# Static figures of the numbered notebooks: each returns the matplotlib figure (it shows inline in Jupyter and
+# in notebooks executed headless) and never writes files unless ``path`` is given.
+
+
+def _save(fig, path: str | Path | None):
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+    return fig
+
+
+def best_slice(labels, axis: int = 2) -> int:
+    """Index along ``axis`` of the slice with the most organ (non-zero) voxels; the middle if there are none."""
+    lab = _as_numpy(labels)
+    counts = (lab > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+    return int(np.argmax(counts)) if counts.max() > 0 else lab.shape[axis] // 2
+
+
+def appearance_figure(subjects: Sequence[tuple[str, np.ndarray, np.ndarray]], organs: Sequence[int] = (6, 1, 2),
+                      labels: dict[int, str] | None = None, window: tuple[float, float] = (-175, 250),
+                      path: str | Path | None = None):
+    """Domain shift at a glance: per (title, image, label) an axial slice, and the organs' intensity histograms.
+
+    The histograms are drawn on one axis per organ so the reader sees how an organ's intensity distribution moves
+    (and organs start to overlap) from one subject to the next.
+    """
+    labels = labels or BTCV_LABELS
+    n = len(subjects)
+    fig, axes = plt.subplots(2, max(n, len(organs)), figsize=(3.0 * max(n, len(organs)), 6.2), squeeze=False)
+    for c, (title, image, lab) in enumerate(subjects):
+        overlay(axes[0, c], image, None, 2, best_slice(lab), title, vmin=window[0], vmax=window[1])
+    for c in range(n, axes.shape[1]):
+        axes[0, c].set_axis_off()
+    bins = np.linspace(window[0] - 100, window[1] + 100, 60)
+    for c, organ in enumerate(organs):
+        ax = axes[1, c]
+        for title, image, lab in subjects:
+            values = _as_numpy(image)[_as_numpy(lab) == organ]
+            if values.size:
+                ax.hist(values, bins=bins, histtype="step", density=True, label=title, linewidth=1.5)
+        ax.set_title(labels.get(organ, str(organ)).replace("_", " "), fontsize=9)
+        ax.set_xlabel("intensity", fontsize=8)
+        ax.set_yticks([])
+        ax.legend(fontsize=7)
+    for c in range(len(organs), axes.shape[1]):
+        axes[1, c].set_axis_off()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def probability_figure(image, probs, truth=None, organ: int = 6, axis: int = 2, index: int | None = None,
+                       labels: dict[int, str] | None = None, title: str = "", path: str | Path | None = None):
+    """What a segmenter outputs: the image, the truth, argmax(P), P of one organ, and the confidence max_k P_k."""
+    labels = labels or BTCV_LABELS
+    p = probs.detach().cpu().numpy() if hasattr(probs, "detach") else np.asarray(probs)
+    p = p[0] if p.ndim == 5 else p
+    pred = p.argmax(0)
+    index = best_slice(truth if truth is not None else pred, axis) if index is None else index
+    panels = 4 + (truth is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(2.9 * panels, 3.3), squeeze=False)
+    ax = list(axes[0])
+    overlay(ax[0], image, None, axis, index, "image")
+    k = 1
+    if truth is not None:
+        overlay(ax[k], image, truth, axis, index, "ground truth", max(labels) + 1)
+        k += 1
+    overlay(ax[k], image, pred, axis, index, "prediction argmax(P)", max(labels) + 1)
+    im = ax[k + 1].imshow(_slice(p[organ], axis, index), cmap="magma", origin="lower", vmin=0, vmax=1)
+    ax[k + 1].set_title(f"P({labels.get(organ, organ)})", fontsize=9)
+    ax[k + 1].set_axis_off()
+    fig.colorbar(im, ax=ax[k + 1], fraction=0.046)
+    im = ax[k + 2].imshow(_slice(p.max(0), axis, index), cmap="viridis", origin="lower", vmin=0, vmax=1)
+    ax[k + 2].set_title("confidence max_k P_k", fontsize=9)
+    ax[k + 2].set_axis_off()
+    fig.colorbar(im, ax=ax[k + 2], fraction=0.046)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def field_panel(ax, displacement, spacing: Sequence[float] = (1.0, 1.0, 1.0), image=None, axis: int = 2,
+                index: int | None = None, step: int = 3, title: str | None = None, vmax: float | None = None):
+    """One displacement field (3,*S) in voxels: its magnitude in mm as a map, the in-plane part as arrows.
+
+    Returns the image artist so callers can add a colour bar.
+    """
+    u = displacement.detach().cpu().numpy() if hasattr(displacement, "detach") else np.asarray(displacement)
+    u = u[0] if u.ndim == 5 else u
+    mm = u * np.asarray(spacing, dtype=np.float32).reshape(3, 1, 1, 1)
+    index = u.shape[1 + axis] // 2 if index is None else index
+    magnitude = np.sqrt((mm**2).sum(0))
+    if image is not None:
+        ax.imshow(_slice(_as_numpy(image), axis, index), cmap="gray", origin="lower", vmin=0, vmax=1)
+    art = ax.imshow(_slice(magnitude, axis, index), cmap="inferno", origin="lower", alpha=0.6 if image is not None
+                    else 1.0, vmin=0, vmax=vmax or float(magnitude.max()) or 1.0)
+    plane = [a for a in range(3) if a != axis]  # the two in-plane axes: first -> horizontal, second -> vertical
+    h, v = _slice(u[plane[0]], axis, index), _slice(u[plane[1]], axis, index)
+    rows, cols = np.mgrid[0:h.shape[0]:step, 0:h.shape[1]:step]
+    # arrows point from where a voxel of the fixed image samples the atlas: x -> x + u(x)
+    ax.quiver(cols, rows, h[::step, ::step], v[::step, ::step], color="cyan", angles="xy", scale_units="xy",
+              scale=1.0, width=0.004)
+    ax.set_xlim(-0.5, h.shape[1] - 0.5)
+    ax.set_ylim(-0.5, h.shape[0] - 0.5)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    return art
+
+
+def jacobian_panel(ax, det, axis: int = 2, index: int | None = None, title: str | None = None):
+    """det(Jacobian) (*S) on a diverging scale centred at 1: blue shrinks, red expands, black folds (det <= 0)."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    d = _as_numpy(det)
+    index = d.shape[axis] // 2 if index is None else index
+    sl = _slice(d, axis, index)
+    art = ax.imshow(sl, cmap="coolwarm", origin="lower", norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=2.0))
+    folds = np.ma.masked_where(sl > 0, np.ones_like(sl))
+    ax.imshow(folds, cmap="gray_r", origin="lower", vmin=0, vmax=1, interpolation="nearest")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    return art
+
+
+def organ_dice_figure(table, title: str = "Per-organ Dice", ylabel: str = "Dice", path: str | Path | None = None):
+    """Grouped bars of a DataFrame with organs as rows and methods (or cases, rounds...) as columns."""
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(table) + 2), 3.6))
+    table.plot.bar(ax=ax, width=0.8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.set_xticks(range(len(table)), [str(i).replace("_", " ") for i in table.index], rotation=40, ha="right",
+                  fontsize=8)
+    ax.legend(fontsize=7, ncol=min(4, table.shape[1]))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def paired_figure(means, methods: Sequence[str], reference: str = "baseline", title: str = "",
+                  path: str | Path | None = None):
+    """Per-case organ-averaged Dice: the reference and each method side by side, each case one line.
+
+    ``means`` is a wide DataFrame (cases x methods), e.g. ``case_means(per_case).pivot(index="case",
+    columns="method", values="dice")``. Green: the method beats the reference on that case; red: it does not.
+    """
+    cols = [reference, *[m for m in methods if m != reference]]
+    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 1.5, 3.6))
+    for _, row in means[cols].iterrows():
+        for j in range(1, len(cols)):
+            up = row[cols[j]] >= row[reference]
+            ax.plot([0, j], [row[reference], row[cols[j]]], "-", color="tab:green" if up else "tab:red", alpha=0.35)
+        ax.plot(range(len(cols)), row.to_numpy(dtype=float), "o", color="k", ms=3)
+    ax.plot(range(len(cols)), means[cols].mean().to_numpy(dtype=float), "D-", color="tab:blue", ms=7,
+            label="mean over cases")
+    ax.set_xticks(range(len(cols)), cols, rotation=20, fontsize=8)
+    ax.set_ylabel("organ-averaged Dice per case")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def curves_figure(curves: dict[str, Sequence[float]], xlabel: str = "update", ylabel: str = "organ-averaged Dice",
+                  title: str = "", marks: Sequence[float] = (), path: str | Path | None = None):
+    """Line plot of named sequences (e.g. Dice of M after every update, one line per beta); ``marks`` draws
+    vertical dotted lines (e.g. where a new round starts)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, ys in curves.items():
+        ax.plot(range(len(ys)), list(ys), "o-", ms=3, label=name)
+    for m in marks:
+        ax.axvline(m, color="gray", ls=":", lw=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def label_row_figure(image, layers: Sequence[tuple[str, np.ndarray | None]], axis: int = 2, index: int | None = None,
+                     labels: dict[int, str] | None = None, window: tuple[float, float] = (0, 1),
+                     path: str | Path | None = None):
+    """One slice of ``image`` with each (title, label map) of ``layers`` on top, side by side, and a legend."""
+    labels = labels or BTCV_LABELS
+    if index is None:
+        first = next((lab for _, lab in layers if lab is not None), None)
+        index = best_slice(first, axis) if first is not None else _as_numpy(image).shape[axis] // 2
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.8 * len(layers), 3.4), squeeze=False)
+    present: set[int] = set()
+    for ax, (title, lab) in zip(axes[0], layers):
+        overlay(ax, image, lab, axis, index, title, max(labels) + 1, vmin=window[0], vmax=window[1])
+        if lab is not None:
+            present |= set(np.unique(_as_numpy(lab)).astype(int).tolist())
+    organ_legend(fig, labels, present=sorted(present - {0}))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return _save(fig, path)

@@ -44,8 +44,9 @@ def _stub_stages(monkeypatch, predictions):
     return calls
 
 
-def _profile(rounds=2, steps=6, every=3, beta=0.6):
+def _profile(rounds=2, steps=6, every=3, beta=0.6, mask_from_round=1):
     p = get_profile("ci")
+    p.refine.mask_from_round = mask_from_round
     p.refine.rounds, p.refine.finetune_steps, p.refine.ema_every, p.refine.beta = rounds, steps, every, beta
     p.refine.batch_size = 1
     return p
@@ -85,6 +86,12 @@ def test_without_moving_average_the_final_mask_is_the_last_prediction(monkeypatc
     assert len(res.mask_updates) == 3  # P0, then one M = P per round
     torch.testing.assert_close(res.final_probs, preds[2])
     torch.testing.assert_close(calls["register"][1][1][0], preds[1])
+
+
+def test_mask_supervision_waits_for_its_round(monkeypatch):
+    _, _, calls, _, p = _run(monkeypatch, ema=True, supervision="mask", mask_from_round=2)
+    assert [s for s, _ in calls["register"]] == ["intensity", "mask"]
+    assert calls["register"][0][1] is None and calls["register"][1][1] is not None
 
 
 def test_intensity_supervision_passes_no_target(monkeypatch):
