@@ -189,7 +189,7 @@ def _quick() -> Profile:
         segment=SegmentConfig(channels=(16, 32, 64, 128), strides=(2, 2, 2), max_steps=400, val_every=100,
                               checkpoint_every=50, patch_size=(48, 48, 32), batch_size=2, num_samples=1,
                               lr=3e-3, warmup_steps=20),
-        register=RegisterConfig(iterations=60, levels=2),
+        register=RegisterConfig(iterations=30, levels=2),
         refine=RefineConfig(rounds=2, finetune_steps=20, batch_size=2, ema_every=5),
     )
 

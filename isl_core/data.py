@@ -216,7 +216,7 @@ def preprocess_transform(cfg: DataConfig, modality: str = "CT", with_label: bool
     steps: list = [
         mt.LoadImaged(keys=keys, image_only=True),
         mt.EnsureChannelFirstd(keys=keys),
-        mt.Orientationd(keys=keys, axcodes="RAS"),
+        mt.Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         mt.Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes),
     ]
     if modality.upper() == "CT":

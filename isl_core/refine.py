@@ -204,16 +204,21 @@ def adapt(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atla
     tuner = Finetuner(net, profile, device, seed)
     originals = (atlas_images, atlas_labels.long()) if (mix_original or cfg.mix_original > 0) else None
 
+    intensity_reg: RegistrationResult | None = None
     for r in range(1, cfg.rounds + 1):
         target = mask.clone()
         t0 = time.perf_counter()
         round_cfg = reg_cfg_for_round(reg_cfg, r, cfg.mask_from_round)
         if r == 1 and first_registration is not None:
             reg = first_registration
+        elif round_cfg.supervision == "intensity" and intensity_reg is not None:
+            reg = intensity_reg  # intensity alignment does not depend on M: the same in every round
         else:
             reg = register_atlases(x, atlas_images, atlas_labels, round_cfg, num_classes,
                                    target_mask=target[None] if round_cfg.supervision != "intensity" else None,
                                    device=device)
+        if round_cfg.supervision == "intensity":
+            intensity_reg = reg
         t_reg = time.perf_counter() - t0
         warped_x, warped_y = reg.warped_images.detach().cpu(), reg.warped_labels.detach().cpu().long()
         if cfg.appearance == "match":

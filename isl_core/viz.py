@@ -304,15 +304,20 @@ def paired_figure(means, methods: Sequence[str], reference: str = "baseline", ti
     return _save(fig, path)
 
 
-def curves_figure(curves: dict[str, Sequence[float]], xlabel: str = "update", ylabel: str = "organ-averaged Dice",
-                  title: str = "", marks: Sequence[float] = (), path: str | Path | None = None):
-    """Line plot of named sequences (e.g. Dice of M after every update, one line per beta); ``marks`` draws
-    vertical dotted lines (e.g. where a new round starts)."""
+def curves_figure(curves: dict[str, Sequence[float] | tuple[Sequence[float], Sequence[float]]],
+                  xlabel: str = "update", ylabel: str = "organ-averaged Dice", title: str = "",
+                  marks: Sequence[float] = (), path: str | Path | None = None):
+    """Line plot of named sequences (e.g. Dice of M after every update, one line per beta).
+
+    A value is either the y values (plotted at 0, 1, 2, ...) or a pair ``(xs, ys)``; ``marks`` draws vertical
+    dotted lines (e.g. where a new round starts).
+    """
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for name, ys in curves.items():
-        ax.plot(range(len(ys)), list(ys), "o-", ms=3, label=name)
+    for name, values in curves.items():
+        xs, ys = values if isinstance(values, tuple) else (range(len(values)), values)
+        ax.plot(list(xs), list(ys), "o-", ms=3, label=name)
     for m in marks:
         ax.axvline(m, color="gray", ls=":", lw=1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
