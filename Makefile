@@ -12,7 +12,7 @@ PROFILE ?= quick
 DEMO_DATA ?= data/synthetic
 DEMO_OUT  ?= outputs/demo
 
-.PHONY: setup demo test lint lab clean-venv
+.PHONY: setup demo reproduce test lint lab clean-venv
 
 setup: $(STAMP)
 
@@ -24,9 +24,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m ipykernel install --sys-prefix --name isl-kit --display-name "isl-kit (.venv)" >/dev/null
 	touch $(STAMP)
 
+# The main job: the synthetic cohort, then every method on every shifted inference case, then the report.
 demo: $(STAMP)
 	$(BIN)/isl data synth $(DEMO_DATA)
-	$(BIN)/isl demo $(DEMO_DATA) --out $(DEMO_OUT) --profile $(PROFILE)
+	$(BIN)/isl experiment $(DEMO_DATA) --out $(DEMO_OUT) --profile $(PROFILE)
+	@echo "report: $(DEMO_OUT)/report.md"
+
+# The notebooks, executed headless into outputs/reproduce (index.md links each one).
+reproduce: $(STAMP)
+	$(BIN)/isl data synth $(DEMO_DATA)
+	$(BIN)/isl reproduce --profile $(PROFILE) --data $(DEMO_DATA) --out outputs/reproduce
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
