@@ -114,16 +114,22 @@ def _execute(lab: Lab, kernel_id: str, code: str, timeout: float = 120) -> tuple
             "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
                         "allow_stdin": False, "stop_on_error": True},
         }))
-        stdout, deadline = [], time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        # The reply (shell channel) and the output (iopub channel) may arrive in any order; the output is complete
+        # when the kernel reports "idle" for this request.
+        stdout, reply, idle, deadline = [], None, False, time.monotonic() + timeout
+        while (reply is None or not idle) and time.monotonic() < deadline:
             msg = json.loads(ws.recv())
             if msg.get("parent_header", {}).get("msg_id") != msg_id:
                 continue
             if msg["msg_type"] == "stream" and msg["content"].get("name") == "stdout":
                 stdout.append(msg["content"]["text"])
-            if msg["msg_type"] == "execute_reply":
-                return msg["content"], "".join(stdout)
-        raise TimeoutError(f"no execute_reply within {timeout} s")
+            elif msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                idle = True
+            elif msg["msg_type"] == "execute_reply":
+                reply = msg["content"]
+        if reply is None or not idle:
+            raise TimeoutError(f"no complete answer to the execute request within {timeout} s")
+        return reply, "".join(stdout)
     finally:
         ws.close()
 
