@@ -12,7 +12,7 @@ PROFILE ?= quick
 DEMO_DATA ?= data/synthetic
 DEMO_OUT  ?= outputs/demo
 
-.PHONY: setup demo reproduce test lint lab clean-venv
+.PHONY: setup demo experiment test lint lab clean-venv
 
 setup: $(STAMP)
 
@@ -24,16 +24,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m ipykernel install --sys-prefix --name isl-kit --display-name "isl-kit (.venv)" >/dev/null
 	touch $(STAMP)
 
-# The main job: the synthetic cohort, then every method on every shifted inference case, then the report.
+# The main job: the synthetic cohort, then the numbered notebooks executed headless (they train the baseline,
+# walk through the three stages on one case and run every method on every shifted inference case).
+# Rerunning resumes: the baseline and finished cases are kept.
 demo: $(STAMP)
 	$(BIN)/isl data synth $(DEMO_DATA)
-	$(BIN)/isl experiment $(DEMO_DATA) --out $(DEMO_OUT) --profile $(PROFILE)
-	@echo "report: $(DEMO_OUT)/report.md"
+	$(BIN)/isl reproduce --profile $(PROFILE) --data $(DEMO_DATA) --out $(DEMO_OUT)
+	@echo "notebooks: $(DEMO_OUT)/index.md"
+	@echo "report:    $(DEMO_OUT)/work/experiment/report.md"
 
-# The notebooks, executed headless into outputs/reproduce (index.md links each one).
-reproduce: $(STAMP)
+# The cohort experiment alone (no notebooks): the five default methods, results in outputs/experiment.
+experiment: $(STAMP)
 	$(BIN)/isl data synth $(DEMO_DATA)
-	$(BIN)/isl reproduce --profile $(PROFILE) --data $(DEMO_DATA) --out outputs/reproduce
+	$(BIN)/isl experiment $(DEMO_DATA) --out outputs/experiment --profile $(PROFILE)
+	@echo "report: outputs/experiment/report.md"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -133,7 +133,8 @@ class RefineConfig:
     ema_every: int = 10  # also update the moving average every this many fine-tuning steps (0: only per round)
     malf_blend: float = 0.5  # isl-mask-ema-malf: initial M = blend * MALF + (1 - blend) * P
     mask_from_round: int = 2  # mask-supervised alignment starts here; earlier rounds align intensities only
-    appearance: str = "match"  # "match": warped atlases take x*'s organ intensities and noise (guided by M); "none"
+    appearance: str = "match"  # "match": warped atlases take x*'s organ intensities and noise; "none"
+    appearance_guide: str = "atlases"  # where x*'s organ intensities are read: "atlases" (consensus) or "mask" (M)
 
 
 @dataclass
@@ -181,8 +182,9 @@ def _ci() -> Profile:
 
 
 def _quick() -> Profile:
-    # A laptop CPU: the README demo (about ten minutes for the whole cohort). 8 mm voxels cover the
-    # synthetic cohort's whole field of view in 48x48x32 voxels, so a training step takes a fraction of a second.
+    # A laptop CPU: the README demo (on 2 cores the experiment takes about ten minutes, the notebooks about 17).
+    # 8 mm voxels cover the synthetic cohort's whole field of view in 48x48x32 voxels, so a training step takes
+    # a fraction of a second.
     return Profile(
         name="quick",
         data=DataConfig(spacing=(8.0, 8.0, 10.0), shape=(48, 48, 32)),

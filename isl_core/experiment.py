@@ -9,9 +9,12 @@
     OUT/report.md + figures/       tables and figures
 
 Registrations are shared where methods allow: the round-1 intensity registration serves ``malf``,
-``isl-intensity``, ``isl-intensity-ema`` and ``isl-mask-ema-malf``'s fusion; the round-1 mask-supervised
-registration onto M0 = P0 serves both ``isl-mask`` and ``isl-mask-ema``. Each method's ``seconds_per_case``
-counts what it would cost alone (shared work is charged to every method that uses it).
+``isl-intensity``, ``isl-intensity-ema`` and ``isl-mask-ema-malf``'s fusion. Until mask supervision starts
+(``refine.mask_from_round``, 2 by default) the ISL variants that start from M0 = P0 fine-tune identically, so
+their whole first round is computed once (``refine.first_round``); with ``mask_from_round = 1`` the round-1
+mask-supervised registration onto M0 = P0 serves both ``isl-mask`` and ``isl-mask-ema``.
+Each method's ``seconds_per_case`` counts what it would cost alone
+(shared work is charged to every method that uses it).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from isl_core.config import METHODS, Profile, get_profile
 from isl_core.data import Dataset, DatasetError, load_cases, load_dataset, stack_cases, write_prediction
 from isl_core.evaluate import evaluate_case, json_safe, paired_tests, summarize, write_csv
 from isl_core.fusion import fuse
-from isl_core.refine import adapt
+from isl_core.refine import FirstRound, adapt, first_round
 from isl_core.register import register_atlases
 from isl_core.runtime import resolve_device, seed_everything, write_json
 from isl_core.segment import MODEL, load_segmenter, predict_proba, train_segmenter
@@ -119,23 +122,27 @@ class CaseRunner:
         reg_mask0, t_mask0 = (reg_int, t_int)
         if mask_round1 and ("isl-mask" in methods or "isl-mask-ema" in methods):
             reg_mask0, t_mask0 = self._register(x, self.profile.register.supervision_mask, p0)
+        shared_round: FirstRound | None = None  # round 1 of every variant that starts from P0 on reg_int
         for method, (supervision, ema, from_malf) in ISL_VARIANTS.items():
             if method not in methods:
                 continue
             # adapt() times its own work; add the shared work it was handed (round-1 registration or MALF)
-            initial, first, shared = None, None, 0.0
+            initial, first, shared, round1 = None, None, 0.0, None
             if from_malf:
                 blend = self.profile.refine.malf_blend
                 initial = blend * malf + (1 - blend) * p0
                 first, shared = (None, t_malf) if mask_round1 else (reg_int, t_malf)
-            elif supervision == "intensity":
-                first, shared = reg_int, t_int
+            elif supervision == "intensity" or not mask_round1:
+                if shared_round is None:
+                    shared_round = first_round(self.net0, x, self.images, self.labels, self.profile, reg_int,
+                                               registration_seconds=t_int, device=self.device, seed=self.seed)
+                round1 = shared_round  # its cost is inside adapt()'s seconds
             else:
                 first, shared = reg_mask0, t_mask0
             if supervision == "mask":
                 supervision = self.profile.register.supervision_mask
             res = adapt(self.net0, x, self.images, self.labels, self.profile, self.num_classes, supervision=supervision,
-                        ema=ema, initial_mask=initial, first_registration=first, keep_atlases=False,
+                        ema=ema, initial_mask=initial, first_registration=first, first=round1, keep_atlases=False,
                         device=self.device, seed=self.seed)
             out[method] = (res.final_probs, res.seconds["total"] + shared)
         return {m: out[m] for m in methods if m in out}

@@ -26,27 +26,28 @@ from scipy import ndimage
 
 from isl_core.config import BTCV_LABELS, SYNTH_COHORTS
 
-#: Field of view in mm (x: right->left, y: posterior->anterior, z: inferior->superior), fixed whatever the size.
+#: Field of view in mm (x: left->right, y: posterior->anterior, z: inferior->superior), fixed whatever the size.
 FOV_MM = (384.0, 384.0, 320.0)
 DEFAULT_SIZE = (96, 96, 64)
-PHANTOM_VERSION = 1  # bump when the drawing changes, so cached cohorts are regenerated
+PHANTOM_VERSION = 2  # bump when the drawing changes, so cached cohorts are regenerated
 
-# Organ geometry in a canonical body frame (mm; RAS: +x patient left, +y anterior, +z superior).
+# Organ geometry in a canonical body frame (mm; RAS: +x patient right, +y anterior, +z superior), so the liver
+# sits at +x (the patient's right) and the spleen at -x.
 # (label, "ellipsoid", centre, semi-axes) or (label, "tube", (start, end), radius). Painted in order; later wins.
 _ORGANS: list[tuple[int, str, tuple, Any]] = [
-    (6, "ellipsoid", (-60.0, 5.0, 50.0), (68.0, 62.0, 62.0)),  # liver
-    (1, "ellipsoid", (78.0, -25.0, 55.0), (26.0, 38.0, 42.0)),  # spleen
-    (7, "ellipsoid", (45.0, 30.0, 55.0), (38.0, 28.0, 38.0)),  # stomach
-    (2, "ellipsoid", (-58.0, -50.0, -5.0), (24.0, 20.0, 42.0)),  # right kidney
-    (3, "ellipsoid", (58.0, -50.0, 5.0), (24.0, 20.0, 42.0)),  # left kidney
-    (4, "ellipsoid", (-42.0, 48.0, 5.0), (15.0, 15.0, 26.0)),  # gallbladder
-    (11, "tube", ((-22.0, 10.0, 10.0), (62.0, -18.0, 30.0)), 11.0),  # pancreas
-    (10, "tube", ((-30.0, 2.0, 30.0), (60.0, -28.0, 28.0)), 6.0),  # portal / splenic vein
-    (8, "tube", ((14.0, -38.0, -160.0), (14.0, -38.0, 160.0)), 11.0),  # aorta
-    (9, "tube", ((-22.0, -32.0, -160.0), (-22.0, -32.0, 110.0)), 11.0),  # inferior vena cava
-    (5, "tube", ((8.0, -30.0, 95.0), (10.0, -40.0, 160.0)), 8.0),  # esophagus
-    (12, "ellipsoid", (-40.0, -38.0, 52.0), (9.0, 7.0, 15.0)),  # right adrenal
-    (13, "ellipsoid", (42.0, -36.0, 60.0), (9.0, 7.0, 15.0)),  # left adrenal
+    (6, "ellipsoid", (60.0, 5.0, 50.0), (68.0, 62.0, 62.0)),  # liver
+    (1, "ellipsoid", (-78.0, -25.0, 55.0), (26.0, 38.0, 42.0)),  # spleen
+    (7, "ellipsoid", (-45.0, 30.0, 55.0), (38.0, 28.0, 38.0)),  # stomach
+    (2, "ellipsoid", (58.0, -50.0, -5.0), (24.0, 20.0, 42.0)),  # right kidney
+    (3, "ellipsoid", (-58.0, -50.0, 5.0), (24.0, 20.0, 42.0)),  # left kidney
+    (4, "ellipsoid", (42.0, 48.0, 5.0), (15.0, 15.0, 26.0)),  # gallbladder
+    (11, "tube", ((22.0, 10.0, 10.0), (-62.0, -18.0, 30.0)), 11.0),  # pancreas
+    (10, "tube", ((30.0, 2.0, 30.0), (-60.0, -28.0, 28.0)), 6.0),  # portal / splenic vein
+    (8, "tube", ((-14.0, -38.0, -160.0), (-14.0, -38.0, 160.0)), 11.0),  # aorta
+    (9, "tube", ((22.0, -32.0, -160.0), (22.0, -32.0, 110.0)), 11.0),  # inferior vena cava
+    (5, "tube", ((-8.0, -30.0, 95.0), (-10.0, -40.0, 160.0)), 8.0),  # esophagus
+    (12, "ellipsoid", (40.0, -38.0, 52.0), (9.0, 7.0, 15.0)),  # right adrenal
+    (13, "ellipsoid", (-42.0, -36.0, 60.0), (9.0, 7.0, 15.0)),  # left adrenal
 ]
 
 # Mean HU per tissue in the two contrast phases; the shift interpolates from "venous" (training) towards

@@ -171,18 +171,123 @@ def reg_cfg_for_round(reg_cfg, r: int, mask_from_round: int):
     return cfg
 
 
+@dataclass
+class FirstRound:
+    """Round 1 computed once for every variant that starts from M0 = P0 with the same round-1 registration.
+
+    Until mask supervision starts (``refine.mask_from_round``), isl-intensity, isl-mask and their moving-average
+    versions fine-tune the same copy of f0 on the same deformed atlases: only the way M follows P differs.
+    The round therefore records P at every step where any variant updates M, and each variant folds its own
+    M from those predictions (``adapt(..., first_round=...)``), which is exactly what it would have computed.
+    """
+
+    tuner: Finetuner  # network, optimiser and random state after round 1 (copied by every variant)
+    probs0: torch.Tensor  # P0 (C,*S)
+    registration: RegistrationResult
+    warped_images: torch.Tensor  # (N,1,*S) after appearance matching
+    warped_labels: torch.Tensor  # (N,*S)
+    losses: list[float]
+    probs_at: dict[int, torch.Tensor]  # fine-tuning step -> P after it
+    seconds: dict[str, float]  # registration (as handed in), finetune, inference
+
+
+def _predictor(net: nn.Module, x: torch.Tensor, profile: Profile, device: torch.device):
+    return lambda: predict_proba(net, x, profile.segment, device)[0].cpu()
+
+
+def _as_batch(image: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(image).as_subclass(torch.Tensor).float()
+    return x[None] if x.ndim == 4 else x
+
+
+def _deformed_set(reg: RegistrationResult, x: torch.Tensor, target: torch.Tensor, profile: Profile,
+                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inference-specific training set of one round: warped atlases (appearance-matched) and labels."""
+    warped_x, warped_y = reg.warped_images.detach().cpu(), reg.warped_labels.detach().cpu().long()
+    if profile.refine.appearance == "match":
+        onehot = reg.warped_onehot.detach().cpu()
+        guide = target if profile.refine.appearance_guide == "mask" else atlas_consensus(onehot)
+        warped_x = match_appearance(warped_x, onehot, x.cpu(), guide, gen)
+    return warped_x, warped_y
+
+
+def atlas_consensus(warped_onehot: torch.Tensor, agree: float = 0.5) -> torch.Tensor:
+    """Where at least a fraction ``agree`` of the warped atlases put class k: a (C,*S) 0/1 map on x*'s grid.
+
+    The appearance guide that does not depend on the segmenter: it shows where the registered atlases place
+    each organ in x*, which is right for the organs registration aligns well even when P is wrong there.
+    """
+    return (warped_onehot.float().mean(0) >= agree).float()
+
+
+def _finetune(tuner: Finetuner, warped_x, warped_y, originals, steps: int, marks: set[int], predict
+              ) -> tuple[list[float], dict[int, torch.Tensor], float, float]:
+    """Fine-tune ``steps`` steps; P after every step in ``marks``. Returns losses, P by step, seconds (ft, inf)."""
+    losses, probs_at, t_inf, t0 = [], {}, 0.0, time.perf_counter()
+    for step in range(1, steps + 1):
+        losses.append(tuner.step(warped_x, warped_y, originals))
+        if step in marks:
+            t1 = time.perf_counter()
+            probs_at[step] = predict()
+            t_inf += time.perf_counter() - t1
+    if steps == 0:
+        t1 = time.perf_counter()
+        probs_at[0] = predict()
+        t_inf += time.perf_counter() - t1
+    return losses, probs_at, time.perf_counter() - t0 - t_inf, t_inf
+
+
+def _follow(mask: torch.Tensor, probs_at: dict[int, torch.Tensor], marks: set[int], ema: bool, beta: float
+            ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """M after one round: folded over P at ``marks`` (moving average on) or the last P (off); P; every M."""
+    updates = []
+    for step in sorted(k for k in probs_at if k in marks or k == max(probs_at)):
+        mask = ema_update(mask, probs_at[step], beta) if ema else probs_at[step]
+        updates.append(mask.clone())
+    return mask, probs_at[max(probs_at)], updates
+
+
+def _marks(profile: Profile, ema: bool) -> set[int]:
+    return _update_steps(profile.refine.finetune_steps, profile.refine.ema_every if ema else 0)
+
+
+def _originals(atlas_images, atlas_labels, profile: Profile, mix_original: bool):
+    return (atlas_images, atlas_labels.long()) if (mix_original or profile.refine.mix_original > 0) else None
+
+
+def first_round(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atlas_labels: torch.Tensor,
+                profile: Profile, registration: RegistrationResult, registration_seconds: float = 0.0,
+                mix_original: bool = False, device: str | torch.device = "auto", seed: int = 0) -> FirstRound:
+    """Round 1 of ISL from M0 = P0 on ``registration`` (an intensity alignment), shareable between variants."""
+    device = resolve_device(device)
+    x = _as_batch(image)
+    tuner = Finetuner(copy.deepcopy(net0).to(device), profile, device, seed)
+    predict = _predictor(tuner.net, x, profile, device)
+    t0 = time.perf_counter()
+    probs0 = predict()
+    t_p0 = time.perf_counter() - t0
+    warped_x, warped_y = _deformed_set(registration, x, probs0, profile, tuner.gen)
+    marks = _marks(profile, True) | _marks(profile, False)
+    losses, probs_at, t_ft, t_inf = _finetune(tuner, warped_x, warped_y,
+                                              _originals(atlas_images, atlas_labels, profile, mix_original),
+                                              profile.refine.finetune_steps, marks, predict)
+    return FirstRound(tuner, probs0, registration, warped_x, warped_y, losses, probs_at,
+                      {"registration": registration_seconds, "finetune": t_ft, "inference": t_inf + t_p0})
+
+
 def adapt(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atlas_labels: torch.Tensor,
           profile: Profile, num_classes: int, supervision: str | None = None, ema: bool | None = None,
           beta: float | None = None, initial_mask: torch.Tensor | None = None,
-          first_registration: RegistrationResult | None = None, mix_original: bool = False,
-          keep_atlases: bool = True, device: str | torch.device = "auto", seed: int = 0,
-          on_round: Callable[[RoundRecord], None] | None = None) -> ISLResult:
+          first_registration: RegistrationResult | None = None, first: FirstRound | None = None,
+          mix_original: bool = False, keep_atlases: bool = True, device: str | torch.device = "auto",
+          seed: int = 0, on_round: Callable[[RoundRecord], None] | None = None) -> ISLResult:
     """Run ISL on one inference image ``image`` (1,*S) with atlases (N,1,*S) / (N,*S) on the same grid.
 
     ``supervision``, ``ema`` and ``beta`` override the profile (``profile.register.supervision``,
     ``profile.refine.ema``, ``profile.refine.beta``). ``initial_mask`` replaces M0 = P0 (the
     ``isl-mask-ema-malf`` variant). ``first_registration`` reuses a registration already computed for round 1
-    with the same target (the experiment shares them between methods).
+    with the same target; ``first`` reuses a whole round 1 (``first_round``: the experiment shares it between
+    the variants that start from P0 with an intensity alignment). ``seconds`` counts shared work as well.
     """
     device = resolve_device(device)
     reg_cfg = copy.deepcopy(profile.register)
@@ -190,64 +295,64 @@ def adapt(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atla
     ema = profile.refine.ema if ema is None else ema
     beta = profile.refine.beta if beta is None else beta
     cfg = profile.refine
+    if first is not None and (initial_mask is not None
+                              or reg_cfg_for_round(reg_cfg, 1, cfg.mask_from_round).supervision != "intensity"):
+        raise ValueError("a shared first round starts from M0 = P0 with intensity alignment; this variant does not")
     t_start = time.perf_counter()
+    x = _as_batch(image)
+    marks = _marks(profile, ema)
+    originals = _originals(atlas_images, atlas_labels, profile, mix_original)
 
-    net = copy.deepcopy(net0).to(device)  # f0 itself is never touched
-    x = torch.as_tensor(image).as_subclass(torch.Tensor).float()
-    x = x[None] if x.ndim == 4 else x
-    predict = lambda: predict_proba(net, x, profile.segment, device)[0].cpu()  # noqa: E731
-    t0 = time.perf_counter()
-    probs = predict()
-    seconds = {"inference": time.perf_counter() - t0, "registration": 0.0, "finetune": 0.0}
+    if first is None:
+        tuner = Finetuner(copy.deepcopy(net0).to(device), profile, device, seed)  # f0 itself is never touched
+        t0 = time.perf_counter()
+        probs = _predictor(tuner.net, x, profile, device)()
+        seconds = {"inference": time.perf_counter() - t0, "registration": 0.0, "finetune": 0.0}
+    else:
+        tuner = copy.deepcopy(first.tuner)
+        probs = first.probs0
+        seconds = {k: 0.0 for k in ("inference", "registration", "finetune")}
+    predict = _predictor(tuner.net, x, profile, device)
     mask = probs.clone() if initial_mask is None else torch.as_tensor(initial_mask).float().cpu()
     result = ISLResult(probs0=probs.clone(), final_probs=probs, mask_updates=[mask.clone()])
-    tuner = Finetuner(net, profile, device, seed)
-    originals = (atlas_images, atlas_labels.long()) if (mix_original or cfg.mix_original > 0) else None
 
     intensity_reg: RegistrationResult | None = None
     for r in range(1, cfg.rounds + 1):
         target = mask.clone()
-        t0 = time.perf_counter()
         round_cfg = reg_cfg_for_round(reg_cfg, r, cfg.mask_from_round)
-        if r == 1 and first_registration is not None:
-            reg = first_registration
-        elif round_cfg.supervision == "intensity" and intensity_reg is not None:
-            reg = intensity_reg  # intensity alignment does not depend on M: the same in every round
+        if r == 1 and first is not None:
+            reg, (warped_x, warped_y) = first.registration, (first.warped_images, first.warped_labels)
+            losses, probs_at, round_seconds = first.losses, first.probs_at, dict(first.seconds)
         else:
-            reg = register_atlases(x, atlas_images, atlas_labels, round_cfg, num_classes,
-                                   target_mask=target[None] if round_cfg.supervision != "intensity" else None,
-                                   device=device)
+            t0 = time.perf_counter()
+            if r == 1 and first_registration is not None:
+                reg = first_registration
+            elif round_cfg.supervision == "intensity" and intensity_reg is not None:
+                reg = intensity_reg  # intensity alignment does not depend on M: the same in every round
+            else:
+                reg = register_atlases(x, atlas_images, atlas_labels, round_cfg, num_classes,
+                                       target_mask=target[None] if round_cfg.supervision != "intensity" else None,
+                                       device=device)
+            t_reg = time.perf_counter() - t0
+            warped_x, warped_y = _deformed_set(reg, x, target, profile, tuner.gen)
+            losses, probs_at, t_ft, t_inf = _finetune(tuner, warped_x, warped_y, originals, cfg.finetune_steps,
+                                                      marks, predict)
+            round_seconds = {"registration": t_reg, "finetune": t_ft, "inference": t_inf}
         if round_cfg.supervision == "intensity":
             intensity_reg = reg
-        t_reg = time.perf_counter() - t0
-        warped_x, warped_y = reg.warped_images.detach().cpu(), reg.warped_labels.detach().cpu().long()
-        if cfg.appearance == "match":
-            warped_x = match_appearance(warped_x, reg.warped_onehot.detach().cpu(), x.cpu(), target, tuner.gen)
-        losses, t_inf, t0 = [], 0.0, time.perf_counter()
-        marks = _update_steps(cfg.finetune_steps, cfg.ema_every if ema else 0)
-        for step in range(1, cfg.finetune_steps + 1):
-            losses.append(tuner.step(warped_x, warped_y, originals))
-            if step in marks:
-                t1 = time.perf_counter()
-                probs = predict()
-                mask = ema_update(mask, probs, beta) if ema else probs
-                result.mask_updates.append(mask.clone())
-                t_inf += time.perf_counter() - t1
-        if cfg.finetune_steps == 0:
-            probs = predict()
-            mask = ema_update(mask, probs, beta) if ema else probs
-        t_ft = time.perf_counter() - t0 - t_inf
-        seconds["registration"] += t_reg
-        seconds["finetune"] += t_ft
-        seconds["inference"] += t_inf
+        mask, probs, updates = _follow(mask, probs_at, marks, ema, beta)
+        result.mask_updates += updates
+        for k, v in round_seconds.items():
+            seconds[k] += v
         record = RoundRecord(r, target, probs.clone(), mask.clone(), warped_x if keep_atlases else None,
                              warped_y if keep_atlases else None, reg.folding_fraction.detach().cpu(), losses,
-                             {"registration": t_reg, "finetune": t_ft, "inference": t_inf})
+                             round_seconds)
         result.rounds.append(record)
         if on_round is not None:
             on_round(record)
 
     result.final_probs = mask if ema else probs
-    seconds["total"] = time.perf_counter() - t_start
+    shared = sum(first.seconds.values()) if first is not None else 0.0
+    seconds["total"] = time.perf_counter() - t_start + shared
     result.seconds = seconds
     return result

@@ -28,9 +28,17 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     return found
 
 
+#: Where the notebooks' cohort experiment writes its report, relative to OUT (notebooks 04-06: out_dir/experiment).
+REPORT = Path("work", "experiment", "report.md")
+
+
 def _index(out: Path, rows: list[tuple[str, str, float, str]], profile: str) -> None:
     lines = [f"# Executed notebooks (profile `{profile}`)", "", "| notebook | status | seconds |", "|---|---|---|"]
     lines += [f"| [{name}]({link}) | {status} | {secs:.0f} |" for name, status, secs, link in rows]
+    lines += ["", f"Total: {sum(r[2] for r in rows):.0f} s."]
+    if (out / REPORT).is_file():
+        lines += ["", f"The cohort experiment's report (every method on every inference case): [{REPORT.as_posix()}]"
+                      f"({REPORT.as_posix()})"]
     write_text(out / "index.md", "\n".join(lines) + "\n")
 
 
@@ -71,4 +79,6 @@ def run_notebooks(out: str | Path = "outputs/reproduce", profile: str = "quick",
         _index(out, rows, profile)
         print(f"[isl reproduce] {nb.name} ok ({secs:.0f} s)", flush=True)
     print(f"[isl reproduce] index: {out / 'index.md'}")
+    if (out / REPORT).is_file():
+        print(f"[isl reproduce] report: {out / REPORT}")
     return 0

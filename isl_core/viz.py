@@ -38,9 +38,17 @@ def _as_numpy(x) -> np.ndarray:
     return x
 
 
-def _slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
-    # transpose so that the first array axis runs left-right and the image's "up" is anterior/superior
-    return np.take(vol, index, axis=axis).T
+_PLANES = ("sagittal", "coronal", "axial")  # the slice through array axis 0, 1, 2 of a RAS volume
+
+
+def display_slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """One slice of a RAS volume, laid out for ``imshow(origin="lower")`` in the radiological convention.
+
+    Rows run posterior->anterior (axial) or inferior->superior (coronal, sagittal). Axial and coronal
+    slices show the patient's right on the viewer's left, as CT is read; sagittal slices show anterior right.
+    """
+    plane = np.take(vol, index, axis=axis).T
+    return plane[:, ::-1] if axis != 0 else plane
 
 
 def overlay(ax, image, labels=None, axis: int = 2, index: int | None = None, title: str | None = None,
@@ -48,11 +56,11 @@ def overlay(ax, image, labels=None, axis: int = 2, index: int | None = None, tit
     """Draw one slice of ``image`` with ``labels`` on top (labels may be None)."""
     image = _as_numpy(image)
     index = image.shape[axis] // 2 if index is None else index
-    ax.imshow(_slice(image, axis, index), cmap="gray", origin="lower", vmin=vmin, vmax=vmax,
+    ax.imshow(display_slice(image, axis, index), cmap="gray", origin="lower", vmin=vmin, vmax=vmax,
               interpolation="nearest")
     if labels is not None:
         lab = _as_numpy(labels).astype(int)
-        ax.imshow(_slice(lab, axis, index), cmap=label_cmap(num_classes), origin="lower", vmin=0,
+        ax.imshow(display_slice(lab, axis, index), cmap=label_cmap(num_classes), origin="lower", vmin=0,
                   vmax=max(num_classes, 2) - 1, interpolation="nearest")
     if title:
         ax.set_title(title, fontsize=9)
@@ -73,17 +81,17 @@ def case_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray | None]], axis_sl
     """A figure with one row per (title, image, labels) and one column per (axis, relative position)."""
     labels = labels or BTCV_LABELS
     fig, axes = plt.subplots(len(rows), 2 * len(axis_slices), figsize=(3.0 * 2 * len(axis_slices),
-                                                                      3.0 * len(rows) + 0.6), squeeze=False)
+                                                                      3.3 * len(rows) + 0.6), squeeze=False)
     for r, (title, image, lab) in enumerate(rows):
         image = _as_numpy(image)
         for c, (axis, rel) in enumerate(axis_slices):
             idx = int(rel * (image.shape[axis] - 1))
-            overlay(axes[r, 2 * c], image, None, axis, idx, f"{title}" if c == 0 else None, vmin=window[0],
-                    vmax=window[1])
+            overlay(axes[r, 2 * c], image, None, axis, idx, title if c == 0 else f"{_PLANES[axis]} slice",
+                    vmin=window[0], vmax=window[1])
             overlay(axes[r, 2 * c + 1], image, lab, axis, idx, "labels" if c == 0 else None,
                     num_classes=max(labels) + 1, vmin=window[0], vmax=window[1])
     organ_legend(fig, labels)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1), h_pad=1.5)  # room for each row's title above its images
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=80)
@@ -179,7 +187,7 @@ def appearance_figure(subjects: Sequence[tuple[str, np.ndarray, np.ndarray]], or
             if values.size:
                 ax.hist(values, bins=bins, histtype="step", density=True, label=title, linewidth=1.5)
         ax.set_title(labels.get(organ, str(organ)).replace("_", " "), fontsize=9)
-        ax.set_xlabel("intensity", fontsize=8)
+        ax.set_xlabel("intensity (HU)", fontsize=8)
         ax.set_yticks([])
         ax.legend(fontsize=7)
     for c in range(len(organs), axes.shape[1]):
@@ -205,11 +213,11 @@ def probability_figure(image, probs, truth=None, organ: int = 6, axis: int = 2, 
         overlay(ax[k], image, truth, axis, index, "ground truth", max(labels) + 1)
         k += 1
     overlay(ax[k], image, pred, axis, index, "prediction argmax(P)", max(labels) + 1)
-    im = ax[k + 1].imshow(_slice(p[organ], axis, index), cmap="magma", origin="lower", vmin=0, vmax=1)
+    im = ax[k + 1].imshow(display_slice(p[organ], axis, index), cmap="magma", origin="lower", vmin=0, vmax=1)
     ax[k + 1].set_title(f"P({labels.get(organ, organ)})", fontsize=9)
     ax[k + 1].set_axis_off()
     fig.colorbar(im, ax=ax[k + 1], fraction=0.046)
-    im = ax[k + 2].imshow(_slice(p.max(0), axis, index), cmap="viridis", origin="lower", vmin=0, vmax=1)
+    im = ax[k + 2].imshow(display_slice(p.max(0), axis, index), cmap="viridis", origin="lower", vmin=0, vmax=1)
     ax[k + 2].set_title("confidence max_k P_k", fontsize=9)
     ax[k + 2].set_axis_off()
     fig.colorbar(im, ax=ax[k + 2], fraction=0.046)
@@ -231,11 +239,13 @@ def field_panel(ax, displacement, spacing: Sequence[float] = (1.0, 1.0, 1.0), im
     index = u.shape[1 + axis] // 2 if index is None else index
     magnitude = np.sqrt((mm**2).sum(0))
     if image is not None:
-        ax.imshow(_slice(_as_numpy(image), axis, index), cmap="gray", origin="lower", vmin=0, vmax=1)
-    art = ax.imshow(_slice(magnitude, axis, index), cmap="inferno", origin="lower", alpha=0.6 if image is not None
-                    else 1.0, vmin=0, vmax=vmax or float(magnitude.max()) or 1.0)
+        ax.imshow(display_slice(_as_numpy(image), axis, index), cmap="gray", origin="lower", vmin=0, vmax=1)
+    art = ax.imshow(display_slice(magnitude, axis, index), cmap="inferno", origin="lower",
+                    alpha=0.6 if image is not None else 1.0, vmin=0, vmax=vmax or float(magnitude.max()) or 1.0)
     plane = [a for a in range(3) if a != axis]  # the two in-plane axes: first -> horizontal, second -> vertical
-    h, v = _slice(u[plane[0]], axis, index), _slice(u[plane[1]], axis, index)
+    h, v = display_slice(u[plane[0]], axis, index), display_slice(u[plane[1]], axis, index)
+    if axis != 0:
+        h = -h  # the slice shows the patient's right on the left (display_slice): x grows leftwards on screen
     rows, cols = np.mgrid[0:h.shape[0]:step, 0:h.shape[1]:step]
     # arrows point from where a voxel of the fixed image samples the atlas: x -> x + u(x)
     ax.quiver(cols, rows, h[::step, ::step], v[::step, ::step], color="cyan", angles="xy", scale_units="xy",
@@ -254,7 +264,7 @@ def jacobian_panel(ax, det, axis: int = 2, index: int | None = None, title: str 
 
     d = _as_numpy(det)
     index = d.shape[axis] // 2 if index is None else index
-    sl = _slice(d, axis, index)
+    sl = display_slice(d, axis, index)
     art = ax.imshow(sl, cmap="coolwarm", origin="lower", norm=TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=2.0))
     folds = np.ma.masked_where(sl > 0, np.ones_like(sl))
     ax.imshow(folds, cmap="gray_r", origin="lower", vmin=0, vmax=1, interpolation="nearest")
@@ -281,21 +291,23 @@ def organ_dice_figure(table, title: str = "Per-organ Dice", ylabel: str = "Dice"
 
 def paired_figure(means, methods: Sequence[str], reference: str = "baseline", title: str = "",
                   path: str | Path | None = None):
-    """Per-case organ-averaged Dice: the reference and each method side by side, each case one line.
+    """Per-case organ-averaged Dice of the reference and each method: one grey line per case through them all.
 
     ``means`` is a wide DataFrame (cases x methods), e.g. ``case_means(per_case).pivot(index="case",
-    columns="method", values="dice")``. Green: the method beats the reference on that case; red: it does not.
+    columns="method", values="dice")``. A method's dot is green where it beats the reference on that case and red
+    where it does not; blue diamonds are the means over cases.
     """
     cols = [reference, *[m for m in methods if m != reference]]
     fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 1.5, 3.6))
+    xs = np.arange(len(cols))
     for _, row in means[cols].iterrows():
-        for j in range(1, len(cols)):
-            up = row[cols[j]] >= row[reference]
-            ax.plot([0, j], [row[reference], row[cols[j]]], "-", color="tab:green" if up else "tab:red", alpha=0.35)
-        ax.plot(range(len(cols)), row.to_numpy(dtype=float), "o", color="k", ms=3)
-    ax.plot(range(len(cols)), means[cols].mean().to_numpy(dtype=float), "D-", color="tab:blue", ms=7,
-            label="mean over cases")
-    ax.set_xticks(range(len(cols)), cols, rotation=20, fontsize=8)
+        vals = row.to_numpy(dtype=float)
+        ax.plot(xs, vals, "-", color="0.55", alpha=0.5, lw=1)
+        colours = ["k"] + ["tab:green" if v >= vals[0] else "tab:red" for v in vals[1:]]
+        ax.scatter(xs, vals, c=colours, s=14, zorder=3)
+    ax.plot(xs, means[cols].mean().to_numpy(dtype=float), "D-", color="tab:blue", ms=7, label="mean over cases",
+            zorder=4)
+    ax.set_xticks(xs, cols, rotation=20, fontsize=8)
     ax.set_ylabel("organ-averaged Dice per case")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)

@@ -61,3 +61,17 @@ def test_existing_folder_is_never_overwritten(tmp_path):
     else:
         raise AssertionError("an existing folder was overwritten")
     assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_organs_lie_on_the_anatomical_side_of_the_ras_affine():
+    # RAS: world +x is the patient's right, where the liver, the right kidney and the IVC belong
+    subj = draw_subject(np.random.default_rng(7), (64, 64, 40), None)
+    idx = np.indices(subj["label"].shape).reshape(3, -1)
+    world_x = (subj["affine"][:3, :3] @ idx + subj["affine"][:3, 3:])[0]
+    flat = subj["label"].reshape(-1)
+
+    def mean_x(label: int) -> float:
+        return float(world_x[flat == label].mean())
+
+    for right, left in ((6, 1), (2, 3), (12, 13), (9, 8)):  # liver/spleen, kidneys, adrenals, IVC/aorta
+        assert mean_x(right) > 0 > mean_x(left), (BTCV_LABELS[right], BTCV_LABELS[left])

@@ -104,3 +104,39 @@ def test_update_schedule():
     assert refine._update_steps(10, 4) == {4, 8, 10}
     assert refine._update_steps(10, 0) == {10}
     assert refine._update_steps(9, 3) == {3, 6, 9}
+
+
+def test_a_shared_first_round_gives_what_each_variant_computes_alone():
+    from isl_core.register import register_atlases
+    from isl_core.segment import build_network
+
+    torch.manual_seed(0)
+    p = _profile(rounds=2, steps=4, every=2, mask_from_round=2)
+    p.segment.channels, p.segment.strides, p.segment.patch_size = (4, 8), (2,), (16, 16, 16)
+    p.register.iterations, p.register.levels = 3, 1
+    size = (16, 16, 16)
+    net0 = build_network(p.segment, C)
+    x = torch.rand(1, *size)
+    images, labels = torch.rand(N, 1, *size), torch.randint(0, C, (N, *size))
+    cfg = p.register
+    cfg.supervision = "intensity"
+    reg = register_atlases(x[None], images, labels, cfg, C, device="cpu")
+    shared = refine.first_round(net0, x, images, labels, p, reg, device="cpu", seed=3)
+    for supervision, ema in (("intensity", False), ("intensity", True), ("both", True), ("both", False)):
+        alone = refine.adapt(net0, x, images, labels, p, C, supervision=supervision, ema=ema,
+                             first_registration=reg, device="cpu", seed=3)
+        reused = refine.adapt(net0, x, images, labels, p, C, supervision=supervision, ema=ema, first=shared,
+                              device="cpu", seed=3)
+        assert len(alone.mask_updates) == len(reused.mask_updates) == (5 if ema else 3)
+        for a, b in zip(alone.mask_updates, reused.mask_updates):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(alone.final_probs, reused.final_probs, atol=1e-5, rtol=1e-4)
+    assert refine.adapt(net0, x, images, labels, p, C, supervision="intensity", ema=True, first=shared,
+                        device="cpu", seed=3).rounds[0].finetune_losses == shared.losses
+
+
+def test_atlas_consensus_marks_where_most_atlases_agree():
+    labels = torch.tensor([[0, 1, 1, 2], [0, 1, 2, 2], [1, 1, 2, 2]])  # 3 atlases, 4 voxels
+    onehot = torch.nn.functional.one_hot(labels, 3).permute(0, 2, 1).float()  # (N, C, voxels)
+    guide = refine.atlas_consensus(onehot)
+    assert guide.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]]
