@@ -108,6 +108,8 @@ class RegisterConfig:
     affine_lr: float = 0.01  # init "affine": step in normalised coordinates ([-1, 1] spans the field of view)
     lncc_var_floor: float = 1e-4  # local variance below this counts as flat (no information) in the LNCC
     mask_grid: str = "field"  # soft Dice evaluated on the "field" grid (cheap with many organs) or the "image" grid
+    warm_start_iterations: int = 0  # >0: a later ISL round refines the previous round's alignment (finest level
+    #                                 only, this many steps) instead of registering from scratch
 
 
 @dataclass
@@ -176,7 +178,7 @@ def _ci() -> Profile:
         data=DataConfig(spacing=(8.0, 8.0, 10.0), shape=(48, 48, 32)),
         segment=SegmentConfig(channels=(8, 16, 32), strides=(2, 2), max_steps=60, val_every=30,
                               checkpoint_every=30, patch_size=(48, 48, 32), batch_size=2, num_samples=1),
-        register=RegisterConfig(iterations=15, levels=2),
+        register=RegisterConfig(iterations=15, levels=2, warm_start_iterations=8),
         refine=RefineConfig(rounds=2, finetune_steps=6, batch_size=2, ema_every=3),
     )
 
@@ -191,7 +193,7 @@ def _quick() -> Profile:
         segment=SegmentConfig(channels=(16, 32, 64, 128), strides=(2, 2, 2), max_steps=400, val_every=100,
                               checkpoint_every=50, patch_size=(48, 48, 32), batch_size=2, num_samples=1,
                               lr=3e-3, warmup_steps=20),
-        register=RegisterConfig(iterations=30, levels=2),
+        register=RegisterConfig(iterations=30, levels=2, warm_start_iterations=15),
         refine=RefineConfig(rounds=2, finetune_steps=20, batch_size=2, ema_every=5),
     )
 
@@ -205,7 +207,8 @@ def _paper() -> Profile:
                               num_res_units=2, patch_size=(96, 96, 96), batch_size=2, num_samples=2,
                               max_steps=20000, val_every=1000, checkpoint_every=500, lr=1e-3,
                               warmup_steps=500, sw_batch_size=4, sw_overlap=0.5),
-        register=RegisterConfig(image_scale=0.5, field_scale=0.5, levels=3, iterations=100, lncc_kernel=7),
+        register=RegisterConfig(image_scale=0.5, field_scale=0.5, levels=3, iterations=100, lncc_kernel=7,
+                                warm_start_iterations=50),
         refine=RefineConfig(rounds=3, finetune_steps=200, batch_size=4, lr=2e-4, mix_original=0.25,
                             ema_every=50),
     )

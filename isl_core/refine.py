@@ -317,6 +317,7 @@ def adapt(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atla
     result = ISLResult(probs0=probs.clone(), final_probs=probs, mask_updates=[mask.clone()])
 
     intensity_reg: RegistrationResult | None = None
+    previous: RegistrationResult | None = None  # the last round's registration (a warm start for the next)
     for r in range(1, cfg.rounds + 1):
         target = mask.clone()
         round_cfg = reg_cfg_for_round(reg_cfg, r, cfg.mask_from_round)
@@ -330,9 +331,10 @@ def adapt(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atla
             elif round_cfg.supervision == "intensity" and intensity_reg is not None:
                 reg = intensity_reg  # intensity alignment does not depend on M: the same in every round
             else:
+                warm = previous is not None and round_cfg.warm_start_iterations > 0
                 reg = register_atlases(x, atlas_images, atlas_labels, round_cfg, num_classes,
                                        target_mask=target[None] if round_cfg.supervision != "intensity" else None,
-                                       device=device)
+                                       device=device, init_displacement=previous.displacement if warm else None)
             t_reg = time.perf_counter() - t0
             warped_x, warped_y = _deformed_set(reg, x, target, profile, tuner.gen)
             losses, probs_at, t_ft, t_inf = _finetune(tuner, warped_x, warped_y, originals, cfg.finetune_steps,
@@ -340,6 +342,7 @@ def adapt(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atla
             round_seconds = {"registration": t_reg, "finetune": t_ft, "inference": t_inf}
         if round_cfg.supervision == "intensity":
             intensity_reg = reg
+        previous = reg
         mask, probs, updates = _follow(mask, probs_at, marks, ema, beta)
         result.mask_updates += updates
         for k, v in round_seconds.items():

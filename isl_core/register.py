@@ -400,6 +400,8 @@ def _check_inputs(fixed, moving, labels, cfg, num_classes, target_mask) -> None:
         raise ValueError(f"mask_grid must be 'field' or 'image', got {cfg.mask_grid!r}")
     if cfg.init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {cfg.init!r}")
+    if cfg.warm_start_iterations < 0:
+        raise ValueError(f"warm_start_iterations must be >= 0, got {cfg.warm_start_iterations}")
     if fixed.ndim != 5 or fixed.shape[:2] != (1, 1):
         raise ValueError(f"fixed image must be (1, 1, H, W, D), got {tuple(fixed.shape)}")
     if moving.ndim != 5 or moving.shape[1] != 1 or moving.shape[2:] != fixed.shape[2:]:
@@ -418,7 +420,8 @@ def _check_inputs(fixed, moving, labels, cfg, num_classes, target_mask) -> None:
             raise ValueError(f"{name} contain NaN or inf")
 
 
-def _register_chunk(fixed, moving, onehot, target, cfg: RegisterConfig) -> tuple[torch.Tensor, list]:
+def _register_chunk(fixed, moving, onehot, target, cfg: RegisterConfig, init_ddf: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, list]:
     """Full-resolution displacement (N, 3, H, W, D) for one batch of atlases, plus the loss history."""
     size = tuple(fixed.shape[2:])
     levels = pyramid(size, cfg)
@@ -433,6 +436,15 @@ def _register_chunk(fixed, moving, onehot, target, cfg: RegisterConfig) -> tuple
     theta = torch.eye(3, 4, device=fixed.device).repeat(n, 1, 1)
     if cfg.init in ("com", "affine"):
         theta = centre_of_mass_affine(fixed, moving, cfg.body_threshold)
+    if init_ddf is not None:
+        # Warm start: the previous alignment, less the (deterministic) centre-of-mass part, becomes the
+        # initial field of the finest level, which alone is refined for ``warm_start_iterations`` steps.
+        img_size, fld_size = levels[-1]
+        objective = LevelObjective(*level_data(img_size), cfg, field_size=fld_size)
+        base = affine_coords(theta, fld_size)
+        fld = resize_field(init_ddf - affine_to_ddf(theta, size), fld_size)
+        fld, hist = optimise(lambda f: objective(f, base), fld, cfg.warm_start_iterations, cfg.lr)
+        return affine_to_ddf(theta, size) + resize_field(fld, size), hist
     if cfg.init == "affine" and cfg.affine_iterations > 0:
         # Same similarity as the deformable part on the coarsest grid, no regulariser (an affine map is
         # smooth by construction). A zero 4^3 field stands in for the deformable part.
@@ -455,7 +467,8 @@ def _register_chunk(fixed, moving, onehot, target, cfg: RegisterConfig) -> tuple
 
 def register_atlases(fixed_image: torch.Tensor, moving_images: torch.Tensor, moving_labels: torch.Tensor,
                      cfg: RegisterConfig, num_classes: int, target_mask: torch.Tensor | None = None,
-                     device: str | torch.device = "auto", generator_seed: int | None = None) -> RegistrationResult:
+                     device: str | torch.device = "auto", generator_seed: int | None = None,
+                     init_displacement: torch.Tensor | None = None) -> RegistrationResult:
     """Register N atlases onto one fixed image in one batched optimisation.
 
     Args:
@@ -469,6 +482,8 @@ def register_atlases(fixed_image: torch.Tensor, moving_images: torch.Tensor, mov
         generator_seed: the optimisation draws no random numbers (zero initial field, deterministic
             initial alignment), so this only seeds torch inside a forked RNG state for forward
             compatibility with stochastic variants; the caller's RNG is never disturbed.
+        init_displacement: (N, 3, H, W, D) a previous registration's ``displacement`` to start from; only the
+            finest level then runs, for ``cfg.warm_start_iterations`` steps (a later ISL round).
     """
     # MONAI MetaTensors carry metadata through every operation, which costs time in a hot loop and means
     # nothing for tensors on a common grid: work on plain tensors.
@@ -491,7 +506,8 @@ def register_atlases(fixed_image: torch.Tensor, moving_images: torch.Tensor, mov
             torch.manual_seed(generator_seed)
         for start in range(0, n, chunk):
             sl = slice(start, start + chunk)
-            ddf, hist = _register_chunk(fixed, moving[sl], onehot[sl], target, cfg)
+            init = None if init_displacement is None else init_displacement[sl].to(dev, torch.float32)
+            ddf, hist = _register_chunk(fixed, moving[sl], onehot[sl], target, cfg, init)
             ddfs.append(ddf)
             histories.append(torch.stack(hist) if hist else torch.zeros(0, device=dev))
     ddf = torch.cat(ddfs)

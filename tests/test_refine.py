@@ -27,8 +27,9 @@ def _stub_stages(monkeypatch, predictions):
 
     preds_iter = predictions.__getitem__
 
-    def fake_register(x, imgs, labs, cfg, num_classes, target_mask=None, device="auto"):
+    def fake_register(x, imgs, labs, cfg, num_classes, target_mask=None, device="auto", init_displacement=None):
         calls["register"].append((cfg.supervision, None if target_mask is None else target_mask.clone()))
+        calls.setdefault("warm", []).append(init_displacement is not None)
         return RegistrationResult(torch.zeros(N, 3, *S), torch.zeros(N, 1, *S), torch.zeros(N, C, *S),
                                   torch.zeros(N, *S, dtype=torch.long), torch.zeros(N))
 
@@ -92,6 +93,8 @@ def test_mask_supervision_waits_for_its_round(monkeypatch):
     _, _, calls, _, p = _run(monkeypatch, ema=True, supervision="mask", mask_from_round=2)
     assert [s for s, _ in calls["register"]] == ["intensity", "mask"]
     assert calls["register"][0][1] is None and calls["register"][1][1] is not None
+    # the ci profile warm-starts later rounds: round 2 starts from round 1's alignment
+    assert p.register.warm_start_iterations > 0 and calls["warm"] == [False, True]
 
 
 def test_intensity_supervision_passes_no_target(monkeypatch):
