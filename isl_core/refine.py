@@ -267,7 +267,7 @@ def first_round(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor
     probs0 = predict()
     t_p0 = time.perf_counter() - t0
     warped_x, warped_y = _deformed_set(registration, x, probs0, profile, tuner.gen)
-    marks = _marks(profile, True) | _marks(profile, False)
+    marks = _marks(profile, True)  # the moving average's update steps include the round's last step
     losses, probs_at, t_ft, t_inf = _finetune(tuner, warped_x, warped_y,
                                               _originals(atlas_images, atlas_labels, profile, mix_original),
                                               profile.refine.finetune_steps, marks, predict)

@@ -436,16 +436,13 @@ def _register_chunk(fixed, moving, onehot, target, cfg: RegisterConfig, init_ddf
     theta = torch.eye(3, 4, device=fixed.device).repeat(n, 1, 1)
     if cfg.init in ("com", "affine"):
         theta = centre_of_mass_affine(fixed, moving, cfg.body_threshold)
+    fld, iterations = None, cfg.iterations
     if init_ddf is not None:
         # Warm start: the previous alignment, less the (deterministic) centre-of-mass part, becomes the
         # initial field of the finest level, which alone is refined for ``warm_start_iterations`` steps.
-        img_size, fld_size = levels[-1]
-        objective = LevelObjective(*level_data(img_size), cfg, field_size=fld_size)
-        base = affine_coords(theta, fld_size)
-        fld = resize_field(init_ddf - affine_to_ddf(theta, size), fld_size)
-        fld, hist = optimise(lambda f: objective(f, base), fld, cfg.warm_start_iterations, cfg.lr)
-        return affine_to_ddf(theta, size) + resize_field(fld, size), hist
-    if cfg.init == "affine" and cfg.affine_iterations > 0:
+        levels, iterations = levels[-1:], cfg.warm_start_iterations
+        fld = resize_field(init_ddf - affine_to_ddf(theta, size), levels[0][1])
+    elif cfg.init == "affine" and cfg.affine_iterations > 0:
         # Same similarity as the deformable part on the coarsest grid, no regulariser (an affine map is
         # smooth by construction). A zero 4^3 field stands in for the deformable part.
         objective = LevelObjective(*level_data(levels[0][0]), cfg, regularise=False)  # Dice on the image grid
@@ -454,12 +451,11 @@ def _register_chunk(fixed, moving, onehot, target, cfg: RegisterConfig, init_ddf
                                cfg.affine_iterations, cfg.affine_lr)
         history += hist
 
-    fld = None
     for img_size, fld_size in levels:
         objective = LevelObjective(*level_data(img_size), cfg, field_size=fld_size)
         base = affine_coords(theta, fld_size)  # fixed during the deformable stage: computed once per level
         fld = torch.zeros(n, 3, *fld_size, device=fixed.device) if fld is None else resize_field(fld, fld_size)
-        fld, hist = optimise(lambda f, obj=objective, b=base: obj(f, b), fld, cfg.iterations, cfg.lr)
+        fld, hist = optimise(lambda f, obj=objective, b=base: obj(f, b), fld, iterations, cfg.lr)
         history += hist
     ddf = affine_to_ddf(theta, size) + resize_field(fld, size)
     return ddf, history
