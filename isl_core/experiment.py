@@ -8,13 +8,12 @@
     OUT/summary.json               the DESIGN.md contract (per-method means, paired tests vs baseline)
     OUT/report.md + figures/       tables and figures
 
-Registrations are shared where methods allow: the round-1 intensity registration serves ``malf``,
-``isl-intensity``, ``isl-intensity-ema`` and ``isl-mask-ema-malf``'s fusion. Until mask supervision starts
-(``refine.mask_from_round``, 2 by default) the ISL variants that start from M0 = P0 fine-tune identically, so
-their whole first round is computed once (``refine.first_round``); with ``mask_from_round = 1`` the round-1
-mask-supervised registration onto M0 = P0 serves both ``isl-mask`` and ``isl-mask-ema``.
-Each method's ``seconds_per_case`` counts what it would cost alone
-(shared work is charged to every method that uses it).
+Work is shared where methods allow: one intensity registration serves ``malf`` and every ISL round that
+aligns intensities, and ``refine.adapt_variants`` runs all ISL variants of a case together, computing each
+registration and fine-tuning run once however many variants need it. Until mask supervision starts
+(``refine.mask_from_round``, 2 by default) the variants fine-tune identically, so round 1 is one run for all of
+them; isl-intensity and isl-intensity-ema share every round. Each method's ``seconds_per_case`` counts what
+it would cost alone (shared work is charged to every method that uses it).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from isl_core.config import METHODS, Profile, get_profile
 from isl_core.data import Dataset, DatasetError, load_cases, load_dataset, stack_cases, write_prediction
 from isl_core.evaluate import evaluate_case, json_safe, paired_tests, summarize, write_csv
 from isl_core.fusion import fuse
-from isl_core.refine import FirstRound, adapt, first_round
+from isl_core.refine import Variant, adapt_variants
 from isl_core.register import register_atlases
 from isl_core.runtime import resolve_device, seed_everything, write_json
 from isl_core.segment import MODEL, load_segmenter, predict_proba, train_segmenter
@@ -92,12 +91,11 @@ class CaseRunner:
         self.net0, self.images, self.labels = net0, atlas_images, atlas_labels
         self.profile, self.num_classes, self.device, self.seed = profile, num_classes, device, seed
 
-    def _register(self, x, supervision: str, target=None):
+    def _register_intensity(self, x):
         cfg = copy.deepcopy(self.profile.register)
-        cfg.supervision = supervision
+        cfg.supervision = "intensity"
         t0 = time.perf_counter()
-        reg = register_atlases(x, self.images, self.labels, cfg, self.num_classes,
-                               target_mask=None if target is None else target[None], device=self.device)
+        reg = register_atlases(x, self.images, self.labels, cfg, self.num_classes, device=self.device)
         return reg, time.perf_counter() - t0
 
     def run(self, image: torch.Tensor, methods: Sequence[str]) -> dict[str, tuple[torch.Tensor, float]]:
@@ -108,43 +106,33 @@ class CaseRunner:
         p0 = predict_proba(self.net0, x, self.profile.segment, self.device)[0].cpu()
         t_base = time.perf_counter() - t0
         out["baseline"] = (p0, t_base)
-        # round 1 of a mask-supervised method aligns intensities too unless refine.mask_from_round <= 1
-        mask_round1 = self.profile.refine.mask_from_round <= 1
-        need_int = any(m in methods for m in ("malf", "isl-intensity", "isl-intensity-ema", "isl-mask-ema-malf")) \
-            or (not mask_round1 and any(m in methods for m in ("isl-mask", "isl-mask-ema")))
-        reg_int, t_int = self._register(x, "intensity") if need_int else (None, 0.0)
-        malf, t_malf = None, 0.0
+        reg_int, malf, t_int, t_fuse = None, None, 0.0, 0.0
         if "malf" in methods or "isl-mask-ema-malf" in methods:
+            reg_int, t_int = self._register_intensity(x)
             t0 = time.perf_counter()
             malf = fuse(x, reg_int, self.profile.fusion)[0].cpu()
-            t_malf = time.perf_counter() - t0 + t_int
-            out["malf"] = (malf, t_malf + t_base)
-        reg_mask0, t_mask0 = (reg_int, t_int)
-        if mask_round1 and ("isl-mask" in methods or "isl-mask-ema" in methods):
-            reg_mask0, t_mask0 = self._register(x, self.profile.register.supervision_mask, p0)
-        shared_round: FirstRound | None = None  # round 1 of every variant that starts from P0 on reg_int
+            t_fuse = time.perf_counter() - t0
+            out["malf"] = (malf, t_base + t_int + t_fuse)
+        variants, initial_seconds = {}, {}
         for method, (supervision, ema, from_malf) in ISL_VARIANTS.items():
             if method not in methods:
                 continue
-            # adapt() times its own work; add the shared work it was handed (round-1 registration or MALF)
-            initial, first, shared, round1 = None, None, 0.0, None
+            initial = None
             if from_malf:
                 blend = self.profile.refine.malf_blend
                 initial = blend * malf + (1 - blend) * p0
-                first, shared = (None, t_malf) if mask_round1 else (reg_int, t_malf)
-            elif supervision == "intensity" or not mask_round1:
-                if shared_round is None:
-                    shared_round = first_round(self.net0, x, self.images, self.labels, self.profile, reg_int,
-                                               registration_seconds=t_int, device=self.device, seed=self.seed)
-                round1 = shared_round  # its cost is inside adapt()'s seconds
-            else:
-                first, shared = reg_mask0, t_mask0
+                # the MALF estimate costs its fusion, plus its registration unless round 1 aligns intensities
+                # anyway (then adapt_variants already charges that registration to this method)
+                initial_seconds[method] = t_fuse + (t_int if self.profile.refine.mask_from_round <= 1 else 0.0)
             if supervision == "mask":
                 supervision = self.profile.register.supervision_mask
-            res = adapt(self.net0, x, self.images, self.labels, self.profile, self.num_classes, supervision=supervision,
-                        ema=ema, initial_mask=initial, first_registration=first, first=round1, keep_atlases=False,
-                        device=self.device, seed=self.seed)
-            out[method] = (res.final_probs, res.seconds["total"] + shared)
+            variants[method] = Variant(supervision, ema, initial_mask=initial)  # beta: the profile's
+        if variants:
+            results = adapt_variants(self.net0, x, self.images, self.labels, self.profile, self.num_classes,
+                                     variants, intensity_registration=reg_int, keep_history=False,
+                                     device=self.device, seed=self.seed)
+            for method, res in results.items():
+                out[method] = (res.final_probs, res.seconds["total"] + initial_seconds.get(method, 0.0))
         return {m: out[m] for m in methods if m in out}
 
 

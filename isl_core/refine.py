@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -36,9 +36,9 @@ class RoundRecord:
     """What one round produced (kept on the CPU so notebooks can show how the estimate evolves)."""
 
     round: int
-    target_mask: torch.Tensor  # M used as the registration target in this round (C,*S)
-    probs: torch.Tensor  # P at the end of the round (C,*S)
-    mask: torch.Tensor  # M at the end of the round (C,*S)
+    target_mask: torch.Tensor | None  # M used as the registration target in this round (C,*S); these three are
+    probs: torch.Tensor | None  # P at the end of the round (C,*S)                None with keep_history=False
+    mask: torch.Tensor | None  # M at the end of the round (C,*S)
     warped_images: torch.Tensor | None  # (N,1,*S)
     warped_labels: torch.Tensor | None  # (N,*S)
     folding_fraction: torch.Tensor  # (N,)
@@ -171,26 +171,6 @@ def reg_cfg_for_round(reg_cfg, r: int, mask_from_round: int):
     return cfg
 
 
-@dataclass
-class FirstRound:
-    """Round 1 computed once for every variant that starts from M0 = P0 with the same round-1 registration.
-
-    Until mask supervision starts (``refine.mask_from_round``), isl-intensity, isl-mask and their moving-average
-    versions fine-tune the same copy of f0 on the same deformed atlases: only the way M follows P differs.
-    The round therefore records P at every step where any variant updates M, and each variant folds its own
-    M from those predictions (``adapt(..., first_round=...)``), which is exactly what it would have computed.
-    """
-
-    tuner: Finetuner  # network, optimiser and random state after round 1 (copied by every variant)
-    probs0: torch.Tensor  # P0 (C,*S)
-    registration: RegistrationResult
-    warped_images: torch.Tensor  # (N,1,*S) after appearance matching
-    warped_labels: torch.Tensor  # (N,*S)
-    losses: list[float]
-    probs_at: dict[int, torch.Tensor]  # fine-tuning step -> P after it
-    seconds: dict[str, float]  # registration (as handed in), finetune, inference
-
-
 def _predictor(net: nn.Module, x: torch.Tensor, profile: Profile, device: torch.device):
     return lambda: predict_proba(net, x, profile.segment, device)[0].cpu()
 
@@ -255,107 +235,174 @@ def _originals(atlas_images, atlas_labels, profile: Profile, mix_original: bool)
     return (atlas_images, atlas_labels.long()) if (mix_original or profile.refine.mix_original > 0) else None
 
 
-def first_round(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atlas_labels: torch.Tensor,
-                profile: Profile, registration: RegistrationResult, registration_seconds: float = 0.0,
-                mix_original: bool = False, device: str | torch.device = "auto", seed: int = 0) -> FirstRound:
-    """Round 1 of ISL from M0 = P0 on ``registration`` (an intensity alignment), shareable between variants."""
+@dataclass(eq=False)
+class Variant:
+    """One ISL method's choices: how the atlases are aligned, how M follows P, where M starts."""
+
+    supervision: str | None = None  # "intensity" | "mask" | "both"; None: the profile's register.supervision
+    ema: bool | None = None  # moving average of the predicted mask (off: M <- P); None: the profile's refine.ema
+    beta: float | None = None  # None: the profile's refine.beta
+    initial_mask: torch.Tensor | None = None  # M0 (C,*S); None: M0 = P0
+
+    def resolved(self, profile: Profile) -> Variant:
+        """This variant with every unset choice taken from ``profile``."""
+        return Variant(self.supervision or profile.register.supervision,
+                       profile.refine.ema if self.ema is None else self.ema,
+                       profile.refine.beta if self.beta is None else self.beta, self.initial_mask)
+
+
+@dataclass
+class _Branch:
+    """A variant's state between rounds; the keys name the inputs its next round depends on."""
+
+    variant: Variant
+    mask: torch.Tensor  # M
+    mask_key: tuple  # what M was computed from
+    tuner_key: tuple  # which fine-tuning path the network went through
+    reg_key: tuple | None  # the previous round's registration (a warm start for the next)
+    result: ISLResult
+    charged: set = field(default_factory=set)  # registrations already counted in its seconds (reused ones cost once)
+
+
+def _registration_key(round_cfg, branch: _Branch) -> tuple:
+    """Registrations with equal keys are equal: intensity alignment ignores M, mask alignment follows it."""
+    if round_cfg.supervision == "intensity":
+        return ("intensity",)
+    warm = branch.reg_key if branch.reg_key is not None and round_cfg.warm_start_iterations > 0 else None
+    return (round_cfg.supervision, branch.mask_key, warm)
+
+
+def adapt_variants(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atlas_labels: torch.Tensor,
+                   profile: Profile, num_classes: int, variants: Mapping[str, Variant],
+                   intensity_registration: RegistrationResult | None = None, mix_original: bool = False,
+                   keep_atlases: bool = False, keep_history: bool = True, device: str | torch.device = "auto",
+                   seed: int = 0, on_round: Callable[[str, RoundRecord], None] | None = None
+                   ) -> dict[str, ISLResult]:
+    """Run several ISL variants on one inference image, computing every shared piece of work once.
+
+    Each round of each variant needs a registration and a fine-tuning run. Two variants need the *same*
+    registration when both align intensities (intensity alignment ignores M) or when both follow the same M;
+    they need the same fine-tuning run when, in addition, their networks went through the same earlier runs
+    and the appearance matching reads the same guide. Until mask supervision starts (``mask_from_round``),
+    isl-intensity, isl-mask, their moving-average versions and the MALF-initialised variant all fine-tune
+    identically; isl-intensity and isl-intensity-ema stay identical in every round. Such work is keyed by what
+    it depends on and done once; a run predicts P at the union of the sharing variants' update steps, and each
+    variant folds its own M from those predictions (predicting does not change the network). The results
+    are what every variant computes alone (``tests/test_refine.py`` checks it); ``adapt`` is the one-variant
+    case. Every variant's ``seconds`` charges it the whole of the work it used, shared or not.
+
+    ``intensity_registration`` hands in an intensity alignment already computed (the ``malf`` baseline's).
+    ``keep_history=False`` keeps only the final probabilities of each variant (memory at full size), and
+    ``keep_atlases`` the deformed atlases of every round. Live copies of the network: one per distinct branch.
+    """
     device = resolve_device(device)
+    cfg = profile.refine
     x = _as_batch(image)
-    tuner = Finetuner(copy.deepcopy(net0).to(device), profile, device, seed)
-    predict = _predictor(tuner.net, x, profile, device)
+    originals = _originals(atlas_images, atlas_labels, profile, mix_original)
+    root = Finetuner(copy.deepcopy(net0).to(device), profile, device, seed)  # f0 itself is never touched
     t0 = time.perf_counter()
-    probs0 = predict()
+    probs0 = _predictor(root.net, x, profile, device)()
     t_p0 = time.perf_counter() - t0
-    warped_x, warped_y = _deformed_set(registration, x, probs0, profile, tuner.gen)
-    marks = _marks(profile, True)  # the moving average's update steps include the round's last step
-    losses, probs_at, t_ft, t_inf = _finetune(tuner, warped_x, warped_y,
-                                              _originals(atlas_images, atlas_labels, profile, mix_original),
-                                              profile.refine.finetune_steps, marks, predict)
-    return FirstRound(tuner, probs0, registration, warped_x, warped_y, losses, probs_at,
-                      {"registration": registration_seconds, "finetune": t_ft, "inference": t_inf + t_p0})
+    tuners: dict[tuple, Finetuner] = {("f0",): root}
+    registrations: dict[tuple, tuple[RegistrationResult, float]] = {}
+    if intensity_registration is not None:
+        registrations[("intensity",)] = (intensity_registration, intensity_registration.seconds)
+    branches = {}
+    for name, v in variants.items():
+        v = v.resolved(profile)
+        start = probs0 if v.initial_mask is None else torch.as_tensor(v.initial_mask).float().cpu()
+        mask_key = ("P0",) if v.initial_mask is None else ("M0", id(v.initial_mask))
+        result = ISLResult(probs0=probs0.clone(), final_probs=probs0,
+                           mask_updates=[start.clone()] if keep_history else [],
+                           seconds={"inference": t_p0, "registration": 0.0, "finetune": 0.0})
+        branches[name] = _Branch(v, start.clone(), mask_key, ("f0",), None, result)
+
+    for r in range(1, cfg.rounds + 1):
+        plan = {}  # variant -> (round registration settings, registration key, fine-tuning key)
+        for name, b in branches.items():
+            reg_cfg = copy.deepcopy(profile.register)
+            reg_cfg.supervision = b.variant.supervision
+            round_cfg = reg_cfg_for_round(reg_cfg, r, cfg.mask_from_round)
+            reg_key = _registration_key(round_cfg, b)
+            guide = b.mask_key if cfg.appearance == "match" and cfg.appearance_guide == "mask" else None
+            plan[name] = (round_cfg, reg_key, (b.tuner_key, reg_key, guide))
+        children = {}
+        for _, _, run_key in plan.values():
+            children.setdefault(run_key[0], set()).add(run_key)
+        runs: dict[tuple, tuple] = {}  # fine-tuning key -> (deformed set, losses, P by step, seconds)
+        for name, (round_cfg, reg_key, run_key) in plan.items():
+            b = branches[name]
+            if reg_key not in registrations:
+                t0 = time.perf_counter()
+                warm = reg_key[-1] if round_cfg.supervision != "intensity" else None
+                registrations[reg_key] = (register_atlases(
+                    x, atlas_images, atlas_labels, round_cfg, num_classes,
+                    target_mask=None if round_cfg.supervision == "intensity" else b.mask[None], device=device,
+                    init_displacement=None if warm is None else registrations[warm][0].displacement),
+                    time.perf_counter() - t0)
+            reg, t_reg = registrations[reg_key]
+            if run_key not in runs:
+                parent = run_key[0]
+                children[parent].discard(run_key)
+                # the last branch to leave a network takes it over; the others take copies
+                tuner = tuners.pop(parent) if not children[parent] else copy.deepcopy(tuners[parent])
+                marks = set().union(*(_marks(profile, branches[n].variant.ema) for n, p in plan.items()
+                                      if p[2] == run_key))
+                t0 = time.perf_counter()
+                deformed = _deformed_set(reg, x, b.mask, profile, tuner.gen)
+                t_set = time.perf_counter() - t0
+                losses, probs_at, t_ft, t_inf = _finetune(tuner, *deformed, originals, cfg.finetune_steps, marks,
+                                                          _predictor(tuner.net, x, profile, device))
+                tuners[run_key] = tuner
+                runs[run_key] = (deformed, losses, probs_at, {"finetune": t_ft + t_set, "inference": t_inf})
+            deformed, losses, probs_at, run_seconds = runs[run_key]
+            target = b.mask
+            b.mask, probs, updates = _follow(b.mask, probs_at, _marks(profile, b.variant.ema), b.variant.ema,
+                                             b.variant.beta)
+            # without the moving average M is the run's last P, whatever M was before
+            b.mask_key = ("M", b.mask_key, run_key, b.variant.beta) if b.variant.ema else ("P", run_key)
+            b.tuner_key, b.reg_key = run_key, reg_key
+            round_seconds = {"registration": 0.0 if reg_key in b.charged else t_reg, **run_seconds}
+            b.charged.add(reg_key)
+            for k, v in round_seconds.items():
+                b.result.seconds[k] += v
+            b.result.final_probs = b.mask if b.variant.ema else probs
+            record = RoundRecord(r, target if keep_history else None, probs.clone() if keep_history else None,
+                                 b.mask.clone() if keep_history else None,
+                                 deformed[0] if keep_atlases else None, deformed[1] if keep_atlases else None,
+                                 reg.folding_fraction.detach().cpu(), losses, round_seconds)
+            if keep_history:
+                b.result.mask_updates += updates
+            b.result.rounds.append(record)
+            if on_round is not None:
+                on_round(name, record)
+        # what the next round can still need: the networks just trained, the registrations it may warm-start
+        # from, and the intensity alignment (the same in every round)
+        used = {reg_key for _, reg_key, _ in plan.values()} | {("intensity",)}
+        registrations = {k: v for k, v in registrations.items() if k in used}
+        tuners = {k: v for k, v in tuners.items() if k in runs}
+
+    for b in branches.values():
+        b.result.seconds["total"] = sum(b.result.seconds.values())
+    return {name: b.result for name, b in branches.items()}
 
 
 def adapt(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atlas_labels: torch.Tensor,
           profile: Profile, num_classes: int, supervision: str | None = None, ema: bool | None = None,
           beta: float | None = None, initial_mask: torch.Tensor | None = None,
-          first_registration: RegistrationResult | None = None, first: FirstRound | None = None,
-          mix_original: bool = False, keep_atlases: bool = True, device: str | torch.device = "auto",
-          seed: int = 0, on_round: Callable[[RoundRecord], None] | None = None) -> ISLResult:
+          intensity_registration: RegistrationResult | None = None, mix_original: bool = False,
+          keep_atlases: bool = True, device: str | torch.device = "auto", seed: int = 0,
+          on_round: Callable[[RoundRecord], None] | None = None) -> ISLResult:
     """Run ISL on one inference image ``image`` (1,*S) with atlases (N,1,*S) / (N,*S) on the same grid.
 
     ``supervision``, ``ema`` and ``beta`` override the profile (``profile.register.supervision``,
     ``profile.refine.ema``, ``profile.refine.beta``). ``initial_mask`` replaces M0 = P0 (the
-    ``isl-mask-ema-malf`` variant). ``first_registration`` reuses a registration already computed for round 1
-    with the same target; ``first`` reuses a whole round 1 (``first_round``: the experiment shares it between
-    the variants that start from P0 with an intensity alignment). ``seconds`` counts shared work as well.
+    ``isl-mask-ema-malf`` variant). ``intensity_registration`` reuses an intensity alignment already computed.
+    Several variants on one image: :func:`adapt_variants` shares their common work.
     """
-    device = resolve_device(device)
-    reg_cfg = copy.deepcopy(profile.register)
-    reg_cfg.supervision = supervision or reg_cfg.supervision
-    ema = profile.refine.ema if ema is None else ema
-    beta = profile.refine.beta if beta is None else beta
-    cfg = profile.refine
-    if first is not None and (initial_mask is not None
-                              or reg_cfg_for_round(reg_cfg, 1, cfg.mask_from_round).supervision != "intensity"):
-        raise ValueError("a shared first round starts from M0 = P0 with intensity alignment; this variant does not")
-    t_start = time.perf_counter()
-    x = _as_batch(image)
-    marks = _marks(profile, ema)
-    originals = _originals(atlas_images, atlas_labels, profile, mix_original)
-
-    if first is None:
-        tuner = Finetuner(copy.deepcopy(net0).to(device), profile, device, seed)  # f0 itself is never touched
-        t0 = time.perf_counter()
-        probs = _predictor(tuner.net, x, profile, device)()
-        seconds = {"inference": time.perf_counter() - t0, "registration": 0.0, "finetune": 0.0}
-    else:
-        tuner = copy.deepcopy(first.tuner)
-        probs = first.probs0
-        seconds = {k: 0.0 for k in ("inference", "registration", "finetune")}
-    predict = _predictor(tuner.net, x, profile, device)
-    mask = probs.clone() if initial_mask is None else torch.as_tensor(initial_mask).float().cpu()
-    result = ISLResult(probs0=probs.clone(), final_probs=probs, mask_updates=[mask.clone()])
-
-    intensity_reg: RegistrationResult | None = None
-    previous: RegistrationResult | None = None  # the last round's registration (a warm start for the next)
-    for r in range(1, cfg.rounds + 1):
-        target = mask.clone()
-        round_cfg = reg_cfg_for_round(reg_cfg, r, cfg.mask_from_round)
-        if r == 1 and first is not None:
-            reg, (warped_x, warped_y) = first.registration, (first.warped_images, first.warped_labels)
-            losses, probs_at, round_seconds = first.losses, first.probs_at, dict(first.seconds)
-        else:
-            t0 = time.perf_counter()
-            if r == 1 and first_registration is not None:
-                reg = first_registration
-            elif round_cfg.supervision == "intensity" and intensity_reg is not None:
-                reg = intensity_reg  # intensity alignment does not depend on M: the same in every round
-            else:
-                warm = previous is not None and round_cfg.warm_start_iterations > 0
-                reg = register_atlases(x, atlas_images, atlas_labels, round_cfg, num_classes,
-                                       target_mask=target[None] if round_cfg.supervision != "intensity" else None,
-                                       device=device, init_displacement=previous.displacement if warm else None)
-            t_reg = time.perf_counter() - t0
-            warped_x, warped_y = _deformed_set(reg, x, target, profile, tuner.gen)
-            losses, probs_at, t_ft, t_inf = _finetune(tuner, warped_x, warped_y, originals, cfg.finetune_steps,
-                                                      marks, predict)
-            round_seconds = {"registration": t_reg, "finetune": t_ft, "inference": t_inf}
-        if round_cfg.supervision == "intensity":
-            intensity_reg = reg
-        previous = reg
-        mask, probs, updates = _follow(mask, probs_at, marks, ema, beta)
-        result.mask_updates += updates
-        for k, v in round_seconds.items():
-            seconds[k] += v
-        record = RoundRecord(r, target, probs.clone(), mask.clone(), warped_x if keep_atlases else None,
-                             warped_y if keep_atlases else None, reg.folding_fraction.detach().cpu(), losses,
-                             round_seconds)
-        result.rounds.append(record)
-        if on_round is not None:
-            on_round(record)
-
-    result.final_probs = mask if ema else probs
-    shared = sum(first.seconds.values()) if first is not None else 0.0
-    seconds["total"] = time.perf_counter() - t_start + shared
-    result.seconds = seconds
-    return result
+    variant = Variant(supervision, ema, beta, initial_mask)
+    results = adapt_variants(net0, image, atlas_images, atlas_labels, profile, num_classes, {"isl": variant},
+                             intensity_registration=intensity_registration, mix_original=mix_original,
+                             keep_atlases=keep_atlases, device=device, seed=seed,
+                             on_round=None if on_round is None else (lambda _, record: on_round(record)))
+    return results["isl"]

@@ -32,7 +32,9 @@ def seed_everything(seed: int) -> None:
     """Seeds python, numpy and torch through MONAI (deterministic algorithms stay off: they are slow)."""
     from monai.utils import set_determinism
 
-    set_determinism(seed=seed, use_deterministic_algorithms=False)
+    # None leaves torch's setting alone (off unless the caller turned it on); passing False would also turn it
+    # off, but costs seconds per process (it imports torch's compiler stack).
+    set_determinism(seed=seed, use_deterministic_algorithms=None)
 
 
 @contextlib.contextmanager
