@@ -184,7 +184,7 @@ def _ci() -> Profile:
 
 
 def _quick() -> Profile:
-    # A laptop CPU: the README demo (on 2 cores the experiment takes about ten minutes, the notebooks about 17).
+    # A laptop CPU: the README demo (on 2 cores the seven-method experiment takes about 6 minutes, all notebooks 12).
     # 8 mm voxels cover the synthetic cohort's whole field of view in 48x48x32 voxels, so a training step takes
     # a fraction of a second.
     return Profile(

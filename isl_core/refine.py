@@ -12,7 +12,8 @@ Why a moving average: a single fine-tuning round can overfit the warped atlases 
 averaging the probability maps over the learning process keeps what is stable. Why update it *during* the
 rounds: with only one update per round, M keeps most of the baseline's errors (``docs/paper_reconstruction.md``).
 
-``f0`` is never modified: every inference case adapts its own copy.
+``f0`` is never modified: every inference case adapts its own copy. ``adapt`` runs one variant of the loop;
+``adapt_variants`` runs several on the same image and does the work they have in common once.
 """
 
 from __future__ import annotations
@@ -272,6 +273,114 @@ def _registration_key(round_cfg, branch: _Branch) -> tuple:
     return (round_cfg.supervision, branch.mask_key, warm)
 
 
+@dataclass
+class _Run:
+    """One fine-tuning run: the deformed atlases it trained on, its losses, P at its update steps, seconds."""
+
+    deformed: tuple[torch.Tensor, torch.Tensor]
+    losses: list[float]
+    probs_at: dict[int, torch.Tensor]
+    seconds: dict[str, float]
+
+
+class _SharedWork:
+    """The registrations and fine-tuning runs of one inference image, each computed once and found by its key.
+
+    A registration key names what the alignment depends on (``_registration_key``); a run key is (the run the
+    network comes from, the registration, the appearance guide). Only what the next round can use is kept.
+    """
+
+    def __init__(self, net0: nn.Module, x: torch.Tensor, atlas_images, atlas_labels, profile: Profile,
+                 num_classes: int, originals, device: torch.device, seed: int):
+        self.x, self.images, self.labels, self.originals = x, atlas_images, atlas_labels, originals
+        self.profile, self.num_classes, self.device = profile, num_classes, device
+        self.tuners: dict[tuple, Finetuner] = {("f0",): Finetuner(copy.deepcopy(net0).to(device), profile, device,
+                                                                  seed)}  # f0 itself is never touched
+        self.registrations: dict[tuple, tuple[RegistrationResult, float]] = {}
+        self.runs: dict[tuple, _Run] = {}
+        self.pending: dict[tuple, set[tuple]] = {}  # network -> runs of this round that still have to start from it
+
+    def predict_p0(self) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        return _predictor(self.tuners[("f0",)].net, self.x, self.profile, self.device)(), time.perf_counter() - t0
+
+    def registration(self, key: tuple, round_cfg, target: torch.Tensor) -> tuple[RegistrationResult, float]:
+        if key not in self.registrations:
+            t0 = time.perf_counter()
+            mask_supervised = round_cfg.supervision != "intensity"
+            warm = key[-1] if mask_supervised else None
+            reg = register_atlases(self.x, self.images, self.labels, round_cfg, self.num_classes,
+                                   target_mask=target[None] if mask_supervised else None, device=self.device,
+                                   init_displacement=None if warm is None else self.registrations[warm][0].displacement)
+            self.registrations[key] = (reg, time.perf_counter() - t0)
+        return self.registrations[key]
+
+    def start_round(self, run_keys) -> None:
+        self.runs = {}
+        self.pending = {}
+        for key in run_keys:
+            self.pending.setdefault(key[0], set()).add(key)
+
+    def run(self, key: tuple, reg: RegistrationResult, target: torch.Tensor, marks: set[int]) -> _Run:
+        if key not in self.runs:
+            parent = key[0]
+            self.pending[parent].discard(key)
+            # the last run to leave a network takes it over; the others take copies
+            tuner = self.tuners.pop(parent) if not self.pending[parent] else copy.deepcopy(self.tuners[parent])
+            cfg = self.profile.refine
+            t0 = time.perf_counter()
+            deformed = _deformed_set(reg, self.x, target, self.profile, tuner.gen)
+            t_set = time.perf_counter() - t0
+            losses, probs_at, t_ft, t_inf = _finetune(tuner, *deformed, self.originals, cfg.finetune_steps, marks,
+                                                      _predictor(tuner.net, self.x, self.profile, self.device))
+            self.tuners[key] = tuner
+            self.runs[key] = _Run(deformed, losses, probs_at, {"finetune": t_ft + t_set, "inference": t_inf})
+        return self.runs[key]
+
+    def end_round(self, reg_keys) -> None:
+        """Keep what the next round can use: the networks just trained, this round's registrations (warm
+        starts) and the intensity alignment (the same in every round)."""
+        keep = set(reg_keys) | {("intensity",)}
+        self.registrations = {k: v for k, v in self.registrations.items() if k in keep}
+        self.tuners = {k: v for k, v in self.tuners.items() if k in self.runs}
+
+
+def _plan(branches: dict[str, _Branch], profile: Profile, r: int) -> dict[str, tuple]:
+    """variant -> (registration settings of round r, registration key, run key)."""
+    cfg, plan = profile.refine, {}
+    for name, b in branches.items():
+        reg_cfg = copy.deepcopy(profile.register)
+        reg_cfg.supervision = b.variant.supervision
+        round_cfg = reg_cfg_for_round(reg_cfg, r, cfg.mask_from_round)
+        reg_key = _registration_key(round_cfg, b)
+        guide = b.mask_key if cfg.appearance == "match" and cfg.appearance_guide == "mask" else None
+        plan[name] = (round_cfg, reg_key, (b.tuner_key, reg_key, guide))
+    return plan
+
+
+def _advance(b: _Branch, r: int, run: _Run, run_key: tuple, reg: RegistrationResult, reg_key: tuple,
+             t_reg: float, profile: Profile, keep_history: bool, keep_atlases: bool) -> RoundRecord:
+    """Fold M from the run's predictions; record the round in the branch's result."""
+    v, target = b.variant, b.mask
+    b.mask, probs, updates = _follow(b.mask, run.probs_at, _marks(profile, v.ema), v.ema, v.beta)
+    # without the moving average M is the run's last P, whatever M was before
+    b.mask_key = ("M", b.mask_key, run_key, v.beta) if v.ema else ("P", run_key)
+    b.tuner_key, b.reg_key = run_key, reg_key
+    seconds = {"registration": 0.0 if reg_key in b.charged else t_reg, **run.seconds}
+    b.charged.add(reg_key)
+    for k, value in seconds.items():
+        b.result.seconds[k] += value
+    b.result.final_probs = b.mask if v.ema else probs
+    if keep_history:
+        b.result.mask_updates += updates
+    record = RoundRecord(r, target if keep_history else None, probs.clone() if keep_history else None,
+                         b.mask.clone() if keep_history else None,
+                         run.deformed[0] if keep_atlases else None, run.deformed[1] if keep_atlases else None,
+                         reg.folding_fraction.detach().cpu(), run.losses, seconds)
+    b.result.rounds.append(record)
+    return record
+
+
 def adapt_variants(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Tensor, atlas_labels: torch.Tensor,
                    profile: Profile, num_classes: int, variants: Mapping[str, Variant],
                    intensity_registration: RegistrationResult | None = None, mix_original: bool = False,
@@ -296,17 +405,12 @@ def adapt_variants(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Ten
     ``keep_atlases`` the deformed atlases of every round. Live copies of the network: one per distinct branch.
     """
     device = resolve_device(device)
-    cfg = profile.refine
     x = _as_batch(image)
-    originals = _originals(atlas_images, atlas_labels, profile, mix_original)
-    root = Finetuner(copy.deepcopy(net0).to(device), profile, device, seed)  # f0 itself is never touched
-    t0 = time.perf_counter()
-    probs0 = _predictor(root.net, x, profile, device)()
-    t_p0 = time.perf_counter() - t0
-    tuners: dict[tuple, Finetuner] = {("f0",): root}
-    registrations: dict[tuple, tuple[RegistrationResult, float]] = {}
+    work = _SharedWork(net0, x, atlas_images, atlas_labels, profile, num_classes,
+                       _originals(atlas_images, atlas_labels, profile, mix_original), device, seed)
     if intensity_registration is not None:
-        registrations[("intensity",)] = (intensity_registration, intensity_registration.seconds)
+        work.registrations[("intensity",)] = (intensity_registration, intensity_registration.seconds)
+    probs0, t_p0 = work.predict_p0()
     branches = {}
     for name, v in variants.items():
         v = v.resolved(profile)
@@ -317,70 +421,20 @@ def adapt_variants(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Ten
                            seconds={"inference": t_p0, "registration": 0.0, "finetune": 0.0})
         branches[name] = _Branch(v, start.clone(), mask_key, ("f0",), None, result)
 
-    for r in range(1, cfg.rounds + 1):
-        plan = {}  # variant -> (round registration settings, registration key, fine-tuning key)
-        for name, b in branches.items():
-            reg_cfg = copy.deepcopy(profile.register)
-            reg_cfg.supervision = b.variant.supervision
-            round_cfg = reg_cfg_for_round(reg_cfg, r, cfg.mask_from_round)
-            reg_key = _registration_key(round_cfg, b)
-            guide = b.mask_key if cfg.appearance == "match" and cfg.appearance_guide == "mask" else None
-            plan[name] = (round_cfg, reg_key, (b.tuner_key, reg_key, guide))
-        children = {}
-        for _, _, run_key in plan.values():
-            children.setdefault(run_key[0], set()).add(run_key)
-        runs: dict[tuple, tuple] = {}  # fine-tuning key -> (deformed set, losses, P by step, seconds)
+    for r in range(1, profile.refine.rounds + 1):
+        plan = _plan(branches, profile, r)
+        work.start_round(run_key for _, _, run_key in plan.values())
         for name, (round_cfg, reg_key, run_key) in plan.items():
             b = branches[name]
-            if reg_key not in registrations:
-                t0 = time.perf_counter()
-                warm = reg_key[-1] if round_cfg.supervision != "intensity" else None
-                registrations[reg_key] = (register_atlases(
-                    x, atlas_images, atlas_labels, round_cfg, num_classes,
-                    target_mask=None if round_cfg.supervision == "intensity" else b.mask[None], device=device,
-                    init_displacement=None if warm is None else registrations[warm][0].displacement),
-                    time.perf_counter() - t0)
-            reg, t_reg = registrations[reg_key]
-            if run_key not in runs:
-                parent = run_key[0]
-                children[parent].discard(run_key)
-                # the last branch to leave a network takes it over; the others take copies
-                tuner = tuners.pop(parent) if not children[parent] else copy.deepcopy(tuners[parent])
-                marks = set().union(*(_marks(profile, branches[n].variant.ema) for n, p in plan.items()
-                                      if p[2] == run_key))
-                t0 = time.perf_counter()
-                deformed = _deformed_set(reg, x, b.mask, profile, tuner.gen)
-                t_set = time.perf_counter() - t0
-                losses, probs_at, t_ft, t_inf = _finetune(tuner, *deformed, originals, cfg.finetune_steps, marks,
-                                                          _predictor(tuner.net, x, profile, device))
-                tuners[run_key] = tuner
-                runs[run_key] = (deformed, losses, probs_at, {"finetune": t_ft + t_set, "inference": t_inf})
-            deformed, losses, probs_at, run_seconds = runs[run_key]
-            target = b.mask
-            b.mask, probs, updates = _follow(b.mask, probs_at, _marks(profile, b.variant.ema), b.variant.ema,
-                                             b.variant.beta)
-            # without the moving average M is the run's last P, whatever M was before
-            b.mask_key = ("M", b.mask_key, run_key, b.variant.beta) if b.variant.ema else ("P", run_key)
-            b.tuner_key, b.reg_key = run_key, reg_key
-            round_seconds = {"registration": 0.0 if reg_key in b.charged else t_reg, **run_seconds}
-            b.charged.add(reg_key)
-            for k, v in round_seconds.items():
-                b.result.seconds[k] += v
-            b.result.final_probs = b.mask if b.variant.ema else probs
-            record = RoundRecord(r, target if keep_history else None, probs.clone() if keep_history else None,
-                                 b.mask.clone() if keep_history else None,
-                                 deformed[0] if keep_atlases else None, deformed[1] if keep_atlases else None,
-                                 reg.folding_fraction.detach().cpu(), losses, round_seconds)
-            if keep_history:
-                b.result.mask_updates += updates
-            b.result.rounds.append(record)
+            reg, t_reg = work.registration(reg_key, round_cfg, b.mask)
+            # a shared run predicts P at every step where one of its variants updates M
+            marks = set().union(*(_marks(profile, branches[n].variant.ema) for n, p in plan.items()
+                                  if p[2] == run_key))
+            run = work.run(run_key, reg, b.mask, marks)
+            record = _advance(b, r, run, run_key, reg, reg_key, t_reg, profile, keep_history, keep_atlases)
             if on_round is not None:
                 on_round(name, record)
-        # what the next round can still need: the networks just trained, the registrations it may warm-start
-        # from, and the intensity alignment (the same in every round)
-        used = {reg_key for _, reg_key, _ in plan.values()} | {("intensity",)}
-        registrations = {k: v for k, v in registrations.items() if k in used}
-        tuners = {k: v for k, v in tuners.items() if k in runs}
+        work.end_round(reg_key for _, reg_key, _ in plan.values())
 
     for b in branches.values():
         b.result.seconds["total"] = sum(b.result.seconds.values())
