@@ -69,6 +69,7 @@ class RegistrationResult:
     folding_fraction: torch.Tensor  # (N,) fraction of voxels with det(Jacobian) <= 0
     loss_history: list[float] = field(default_factory=list)  # summed over atlases, one entry per step
     seconds: float = 0.0
+    atlas_chunk: int = 0  # atlases per optimisation actually used (smaller than asked after running out of memory)
 
 
 # --------------------------------------------------------------------------------------------- warping
@@ -494,25 +495,17 @@ def register_atlases(fixed_image: torch.Tensor, moving_images: torch.Tensor, mov
     onehot = to_onehot(moving_labels.to(dev), num_classes)
     target = target_mask.to(dev, torch.float32) if target_mask is not None and cfg.supervision != "intensity" else None
     n = moving.shape[0]
-    # Chunks bound memory only; inside a chunk all atlases share one optimisation.
-    chunk = cfg.atlas_chunk if cfg.atlas_chunk > 0 else n
-    ddfs, histories = [], []
+    chunk = cfg.atlas_chunk if cfg.atlas_chunk > 0 else n  # chunks bound memory; each atlas is independent
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
-        for start in range(0, n, chunk):
-            sl = slice(start, start + chunk)
-            init = None if init_displacement is None else init_displacement[sl].to(dev, torch.float32)
-            ddf, hist = _register_chunk(fixed, moving[sl], onehot[sl], target, cfg, init)
-            ddfs.append(ddf)
-            histories.append(torch.stack(hist) if hist else torch.zeros(0, device=dev))
-    ddf = torch.cat(ddfs)
+        ddf, histories, chunk = _register_in_chunks(fixed, moving, onehot, target, cfg, init_displacement, chunk)
     # Histories of chunks are added step by step so the curve always means "sum over all atlases".
     steps = min((h.numel() for h in histories), default=0)
     history = sum(h[:steps] for h in histories).tolist() if steps else []
     with torch.no_grad():
-        warped_images = warp(moving, ddf)
-        warped_onehot = warp(onehot, ddf)
+        warped_images = torch.cat([warp(moving[i:i + chunk], ddf[i:i + chunk]) for i in range(0, n, chunk)])
+        warped_onehot = torch.cat([warp(onehot[i:i + chunk], ddf[i:i + chunk]) for i in range(0, n, chunk)])
         # Labels: warp the one-hot linearly and take the argmax, rather than nearest-neighbour on the
         # label map. The argmax of interpolated one-hot is the label with the largest partial volume at
         # the sampled point: boundaries are placed with sub-voxel accuracy instead of snapping to the
@@ -523,7 +516,37 @@ def register_atlases(fixed_image: torch.Tensor, moving_images: torch.Tensor, mov
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     return RegistrationResult(ddf, warped_images, warped_onehot, warped_labels, folds, history,
-                              time.perf_counter() - t0)
+                              time.perf_counter() - t0, chunk)
+
+
+def _register_in_chunks(fixed, moving, onehot, target, cfg: RegisterConfig, init: torch.Tensor | None, chunk: int
+                        ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+    """Displacements of all atlases, ``chunk`` at a time; the chunk is halved whenever the device runs out of memory.
+
+    Atlases are registered independently (the loss is a sum over atlases, and every operation is per atlas),
+    so the chunk size changes the memory needed, not the result (``tests/test_register.py``). Returns the
+    displacements, the loss history of every chunk and the chunk size that fitted.
+    """
+    n, dev = moving.shape[0], fixed.device
+    ddfs, histories, start = [], [], 0
+    while start < n:
+        sl = slice(start, start + chunk)
+        try:
+            ddf, hist = _register_chunk(fixed, moving[sl], onehot[sl], target, cfg,
+                                        None if init is None else init[sl].to(dev, torch.float32))
+        except torch.OutOfMemoryError:
+            if chunk == 1:
+                raise
+            chunk = max(1, chunk // 2)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            warnings.warn(f"registration ran out of memory on {dev}; retrying with {chunk} atlases at a time "
+                          f"(set register.atlas_chunk = {chunk} to start there)", stacklevel=3)
+            continue
+        ddfs.append(ddf)
+        histories.append(torch.stack(hist) if hist else torch.zeros(0, device=dev))
+        start += ddf.shape[0]
+    return torch.cat(ddfs), histories, chunk
 
 
 __all__ = [

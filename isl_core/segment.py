@@ -127,8 +127,8 @@ def _batches(cases: Sequence[dict[str, Any]], cfg: SegmentConfig, seed: int):
                         generator=gen, drop_last=False)
     while True:
         for batch in loader:
-            # MONAI's transforms return MetaTensors; their metadata bookkeeping on every operation of the
-            # network costs about a sixth of a training step on the CPU and means nothing here
+            # MONAI's transforms return MetaTensors; the network needs none of their metadata, so it computes
+            # on plain tensors like every other stage of the kit (measured: same losses, same step time on the CPU)
             yield batch["image"].as_subclass(torch.Tensor), batch["label"].as_subclass(torch.Tensor)
 
 

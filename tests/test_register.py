@@ -156,6 +156,37 @@ def test_batched_equals_single_registrations():
     torch.testing.assert_close(alone.displacement[0], batched.displacement[2], atol=1e-3, rtol=0)
 
 
+def test_running_out_of_memory_halves_the_atlas_chunk(monkeypatch):
+    import isl_core.register as reg
+
+    size = (16, 16, 16)
+    fixed, fixed_labels = phantom(size)
+    ddf = smooth_field(size, 2.0, seed=3, n=5)
+    moving, moving_labels = deform(fixed.repeat(5, 1, 1, 1, 1), fixed_labels.repeat(5, 1, 1, 1), ddf)
+    cfg = RegisterConfig(supervision="intensity", iterations=4, levels=1)
+    real = reg._register_chunk
+    sizes = []
+
+    def small_device(fixed, moving, *args):  # a device on which at most 2 atlases fit
+        sizes.append(moving.shape[0])
+        if moving.shape[0] > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(fixed, moving, *args)
+
+    monkeypatch.setattr(reg, "_register_chunk", small_device)
+    with pytest.warns(UserWarning, match="retrying with 2 atlases"):
+        auto = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, device="cpu")
+    assert sizes == [5, 2, 2, 1] and auto.atlas_chunk == 2  # 5 did not fit; then 2 + 2 + the last one
+    cfg.atlas_chunk = 2
+    asked = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, device="cpu")
+    torch.testing.assert_close(auto.displacement, asked.displacement, atol=0, rtol=0)
+    torch.testing.assert_close(auto.warped_onehot, asked.warped_onehot, atol=0, rtol=0)
+    monkeypatch.setattr(reg, "_register_chunk", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("full")))
+    cfg.atlas_chunk = 1
+    with pytest.raises(torch.OutOfMemoryError):  # a single atlas that does not fit is the caller's problem
+        register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, device="cpu")
+
+
 @pytest.mark.parametrize("kernel,shape", [(3, (2, 1, 9, 11, 13)), (5, (3, 2, 17, 8, 23)), (7, (1, 1, 31, 29, 19)),
                                           (9, (2, 1, 40, 12, 33)), (5, (1, 1, 3, 30, 4))])
 def test_fast_lncc_equals_monai(kernel, shape):
