@@ -12,7 +12,7 @@ PROFILE ?= quick
 DEMO_DATA ?= data/synthetic
 DEMO_OUT  ?= outputs/demo
 
-.PHONY: setup demo experiment test lint lab clean-venv
+.PHONY: setup demo experiment test lint lab clean-venv gpu-wheels
 
 setup: $(STAMP)
 
@@ -51,3 +51,8 @@ lab: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Wheels a GPU machine without a package index needs for bench/gpu_run.sh (its image has torch, numpy, scipy).
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download --quiet --no-deps -d bench/wheels \
+		$$(grep -E '^(monai|nibabel)==' constraints.txt)

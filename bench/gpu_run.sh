@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one short call, on a machine that has CUDA PyTorch but no package index.
+#
+#   make gpu-wheels          # on a machine with the index, once: MONAI and nibabel wheels into bench/wheels/
+#   bash bench/gpu_run.sh    # on the GPU machine: installs those wheels, checks the GPU, runs both benchmarks
+#
+# Results are written to bench/results/ (and copied to $OUT when it is set). Each benchmark has a time limit so
+# that the whole call fits a short lease; raise GPU_RUN_LIMIT_S on a machine of your own.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+LIMIT=${GPU_RUN_LIMIT_S:-300}
+
+shopt -s nullglob
+wheels=(bench/wheels/*.whl)
+if [ ${#wheels[@]} -gt 0 ]; then
+    "$PY" -m pip install --quiet --no-deps --no-index "${wheels[@]}"
+fi
+"$PY" - <<'PY'
+import torch, monai
+assert torch.cuda.is_available(), "no CUDA device is visible to this Python"
+print(f"torch {torch.__version__}, MONAI {monai.__version__}, {torch.cuda.get_device_name(0)}")
+PY
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv || true
+timeout "$LIMIT" "$PY" bench/isl_case.py --device cuda                                    # paper-like case
+timeout "$LIMIT" "$PY" bench/registration.py --device cuda --atlases 24 --shape 128 128 96  # iterations alone
+if [ -n "${OUT:-}" ]; then
+    cp bench/results/* "$OUT"/
+fi
