@@ -5,11 +5,13 @@
 #   bash bench/gpu_run.sh    # on the GPU machine: installs those wheels, checks the GPU, runs both benchmarks
 #
 # Results are written to bench/results/ (and copied to $OUT when it is set). Each benchmark has a time limit so
-# that the whole call fits a short lease; raise GPU_RUN_LIMIT_S on a machine of your own.
+# that the whole call fits a 10-minute command (the case benchmark writes the kit's figures before it starts the
+# naive reference, so a cut-short run still leaves them); on a machine of your own, raise the limits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-LIMIT=${GPU_RUN_LIMIT_S:-300}
+CASE_LIMIT_S=${CASE_LIMIT_S:-400}
+REG_LIMIT_S=${REG_LIMIT_S:-150}
 
 shopt -s nullglob
 wheels=(bench/wheels/*.whl)
@@ -23,8 +25,9 @@ print(f"torch {torch.__version__}, MONAI {monai.__version__}, {torch.cuda.get_de
 PY
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv || true
-timeout "$LIMIT" "$PY" bench/isl_case.py --device cuda                                    # paper-like case
-timeout "$LIMIT" "$PY" bench/registration.py --device cuda --atlases 24 --shape 128 128 96  # iterations alone
+timeout "$CASE_LIMIT_S" "$PY" bench/isl_case.py --device cuda || echo "isl_case.py: exit $?"   # paper-like case
+timeout "$REG_LIMIT_S" "$PY" bench/registration.py --device cuda --atlases 24 --shape 128 128 96 \
+    || echo "registration.py: exit $?"                                                   # iterations alone
 if [ -n "${OUT:-}" ]; then
     cp bench/results/* "$OUT"/
 fi

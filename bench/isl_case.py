@@ -77,6 +77,11 @@ def results_path(date: str, slug: str) -> Path:
     return path if not path.exists() else RESULTS / f"isl_case_{date}_{slug}_{time.strftime('%H%M%S')}.json"
 
 
+def write(path: Path, record: dict) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def time_adaptation(profile, net0, x, images, labels, device, supervision: str) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -145,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = floor_bytes(args.atlases, shape, "both", 14, profile.register.field_scale, profile.register.mask_grid)
     record.update(copy_bandwidth_gbs=round(bw, 2), registration_seconds_per_100_iter=round(100 * per_iter, 3),
                   bytes_per_iter=nbytes, bandwidth_floor_ratio=round(per_iter / (nbytes / (bw * 1e9)), 1))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = results_path(record["date"], device_slug(device, name))
+    write(path, record)  # the kit's figures are kept even if the naive run is cut short (a time limit, memory)
     if not args.no_naive:
         naive = copy.deepcopy(profile)
         naive.register.fast_lncc = False
@@ -152,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         record["naive"] = {"isl_case_seconds": slow["seconds"], "breakdown": slow,
                            "registration_seconds_per_100_iter": round(
                                100 * time_iteration(profile, x, images, labels, device, args.iters, fast=False), 3)}
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = results_path(record["date"], device_slug(device, name))
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        write(path, record)
     print(f"\nISL adaptation of one case on {name} ({args.atlases} atlases at {'x'.join(map(str, shape))}, "
           f"{profile.refine.rounds} rounds x {profile.refine.finetune_steps} fine-tuning steps)")
     print(f"{'path':8s} {'total s':>8s} {'registr. s':>10s} {'finetune s':>10s} {'infer s':>8s} {'s/100 it':>9s}")
