@@ -130,7 +130,7 @@ class CaseRunner:
         if variants:
             results = adapt_variants(self.net0, x, self.images, self.labels, self.profile, self.num_classes,
                                      variants, intensity_registration=reg_int, keep_history=False,
-                                     device=self.device, seed=self.seed)
+                                     device=self.device, seed=self.seed, probs0=(p0, t_base))
             for method, res in results.items():
                 out[method] = (res.final_probs, res.seconds["total"] + initial_seconds.get(method, 0.0))
         return {m: out[m] for m in methods if m in out}

@@ -385,8 +385,8 @@ def adapt_variants(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Ten
                    profile: Profile, num_classes: int, variants: Mapping[str, Variant],
                    intensity_registration: RegistrationResult | None = None, mix_original: bool = False,
                    keep_atlases: bool = False, keep_history: bool = True, device: str | torch.device = "auto",
-                   seed: int = 0, on_round: Callable[[str, RoundRecord], None] | None = None
-                   ) -> dict[str, ISLResult]:
+                   seed: int = 0, on_round: Callable[[str, RoundRecord], None] | None = None,
+                   probs0: tuple[torch.Tensor, float] | None = None) -> dict[str, ISLResult]:
     """Run several ISL variants on one inference image, computing every shared piece of work once.
 
     Each round of each variant needs a registration and a fine-tuning run. Two variants need the *same*
@@ -400,7 +400,8 @@ def adapt_variants(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Ten
     are what every variant computes alone (``tests/test_refine.py`` checks it); ``adapt`` is the one-variant
     case. Every variant's ``seconds`` charges it the whole of the work it used, shared or not.
 
-    ``intensity_registration`` hands in an intensity alignment already computed (the ``malf`` baseline's).
+    ``intensity_registration`` hands in an intensity alignment already computed (the ``malf`` baseline's), and
+    ``probs0`` the baseline's P0 (C,*S) with the seconds it took (the experiment predicts it for ``baseline``).
     ``keep_history=False`` keeps only the final probabilities of each variant (memory at full size), and
     ``keep_atlases`` the deformed atlases of every round. Live copies of the network: one per distinct branch.
     """
@@ -410,7 +411,7 @@ def adapt_variants(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Ten
                        _originals(atlas_images, atlas_labels, profile, mix_original), device, seed)
     if intensity_registration is not None:
         work.registrations[("intensity",)] = (intensity_registration, intensity_registration.seconds)
-    probs0, t_p0 = work.predict_p0()
+    probs0, t_p0 = probs0 if probs0 is not None else work.predict_p0()
     branches = {}
     for name, v in variants.items():
         v = v.resolved(profile)
@@ -423,14 +424,14 @@ def adapt_variants(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Ten
 
     for r in range(1, profile.refine.rounds + 1):
         plan = _plan(branches, profile, r)
-        work.start_round(run_key for _, _, run_key in plan.values())
+        marks: dict[tuple, set[int]] = {}  # a shared run predicts P wherever one of its variants updates M
+        for name, (_, _, run_key) in plan.items():
+            marks.setdefault(run_key, set()).update(_marks(profile, branches[name].variant.ema))
+        work.start_round(marks)
         for name, (round_cfg, reg_key, run_key) in plan.items():
             b = branches[name]
             reg, t_reg = work.registration(reg_key, round_cfg, b.mask)
-            # a shared run predicts P at every step where one of its variants updates M
-            marks = set().union(*(_marks(profile, branches[n].variant.ema) for n, p in plan.items()
-                                  if p[2] == run_key))
-            run = work.run(run_key, reg, b.mask, marks)
+            run = work.run(run_key, reg, b.mask, marks[run_key])
             record = _advance(b, r, run, run_key, reg, reg_key, t_reg, profile, keep_history, keep_atlases)
             if on_round is not None:
                 on_round(name, record)
