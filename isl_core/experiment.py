@@ -34,7 +34,7 @@ from isl_core.data import Dataset, DatasetError, load_cases, load_dataset, stack
 from isl_core.evaluate import evaluate_case, json_safe, paired_tests, summarize, write_csv
 from isl_core.fusion import fuse
 from isl_core.refine import Variant, adapt_variants
-from isl_core.register import register_atlases
+from isl_core.register import AtlasOrgans, register_atlases
 from isl_core.runtime import resolve_device, seed_everything, write_json
 from isl_core.segment import MODEL, load_segmenter, predict_proba, train_segmenter
 
@@ -90,6 +90,7 @@ class CaseRunner:
     def __init__(self, net0, atlas_images, atlas_labels, profile: Profile, num_classes: int, device, seed: int):
         self.net0, self.images, self.labels = net0, atlas_images, atlas_labels
         self.profile, self.num_classes, self.device, self.seed = profile, num_classes, device, seed
+        self.organs = AtlasOrgans(atlas_labels)  # the same atlases serve every case: resample their organs once
 
     def _register_intensity(self, x):
         cfg = copy.deepcopy(self.profile.register)
@@ -130,7 +131,8 @@ class CaseRunner:
         if variants:
             results = adapt_variants(self.net0, x, self.images, self.labels, self.profile, self.num_classes,
                                      variants, intensity_registration=reg_int, keep_history=False,
-                                     device=self.device, seed=self.seed, probs0=(p0, t_base))
+                                     device=self.device, seed=self.seed, probs0=(p0, t_base),
+                                     atlas_organs=self.organs)
             for method, res in results.items():
                 out[method] = (res.final_probs, res.seconds["total"] + initial_seconds.get(method, 0.0))
         return {m: out[m] for m in methods if m in out}

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from isl_core.config import Profile
-from isl_core.register import RegistrationResult, register_atlases
+from isl_core.register import AtlasOrgans, RegistrationResult, register_atlases
 from isl_core.runtime import resolve_device
 from isl_core.segment import loss_function, predict_proba, train_step
 
@@ -291,8 +291,9 @@ class _SharedWork:
     """
 
     def __init__(self, net0: nn.Module, x: torch.Tensor, atlas_images, atlas_labels, profile: Profile,
-                 num_classes: int, originals, device: torch.device, seed: int):
+                 num_classes: int, originals, device: torch.device, seed: int, organs: AtlasOrgans | None):
         self.x, self.images, self.labels, self.originals = x, atlas_images, atlas_labels, originals
+        self.organs = organs if organs is not None else AtlasOrgans(atlas_labels)
         self.profile, self.num_classes, self.device = profile, num_classes, device
         self.tuners: dict[tuple, Finetuner] = {("f0",): Finetuner(copy.deepcopy(net0).to(device), profile, device,
                                                                   seed)}  # f0 itself is never touched
@@ -311,7 +312,8 @@ class _SharedWork:
             warm = key[-1] if mask_supervised else None
             reg = register_atlases(self.x, self.images, self.labels, round_cfg, self.num_classes,
                                    target_mask=target[None] if mask_supervised else None, device=self.device,
-                                   init_displacement=None if warm is None else self.registrations[warm][0].displacement)
+                                   init_displacement=None if warm is None else self.registrations[warm][0].displacement,
+                                   organs=self.organs)
             self.registrations[key] = (reg, time.perf_counter() - t0)
         return self.registrations[key]
 
@@ -386,7 +388,8 @@ def adapt_variants(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Ten
                    intensity_registration: RegistrationResult | None = None, mix_original: bool = False,
                    keep_atlases: bool = False, keep_history: bool = True, device: str | torch.device = "auto",
                    seed: int = 0, on_round: Callable[[str, RoundRecord], None] | None = None,
-                   probs0: tuple[torch.Tensor, float] | None = None) -> dict[str, ISLResult]:
+                   probs0: tuple[torch.Tensor, float] | None = None,
+                   atlas_organs: AtlasOrgans | None = None) -> dict[str, ISLResult]:
     """Run several ISL variants on one inference image, computing every shared piece of work once.
 
     Each round of each variant needs a registration and a fine-tuning run. Two variants need the *same*
@@ -401,14 +404,16 @@ def adapt_variants(net0: nn.Module, image: torch.Tensor, atlas_images: torch.Ten
     case. Every variant's ``seconds`` charges it the whole of the work it used, shared or not.
 
     ``intensity_registration`` hands in an intensity alignment already computed (the ``malf`` baseline's), and
-    ``probs0`` the baseline's P0 (C,*S) with the seconds it took (the experiment predicts it for ``baseline``).
+    ``probs0`` the baseline's P0 (C,*S) with the seconds it took (the experiment predicts it for ``baseline``),
+    and ``atlas_organs`` an :class:`~isl_core.register.AtlasOrgans` of ``atlas_labels`` kept between cases (one
+    is made per call otherwise): the atlases' organ maps as mask-supervised registration resamples them.
     ``keep_history=False`` keeps only the final probabilities of each variant (memory at full size), and
     ``keep_atlases`` the deformed atlases of every round. Live copies of the network: one per distinct branch.
     """
     device = resolve_device(device)
     x = _as_batch(image)
     work = _SharedWork(net0, x, atlas_images, atlas_labels, profile, num_classes,
-                       _originals(atlas_images, atlas_labels, profile, mix_original), device, seed)
+                       _originals(atlas_images, atlas_labels, profile, mix_original), device, seed, atlas_organs)
     if intensity_registration is not None:
         work.registrations[("intensity",)] = (intensity_registration, intensity_registration.seconds)
     probs0, t_p0 = probs0 if probs0 is not None else work.predict_p0()

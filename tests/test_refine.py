@@ -27,7 +27,9 @@ def _stub_stages(monkeypatch, predictions):
 
     preds_iter = predictions.__getitem__
 
-    def fake_register(x, imgs, labs, cfg, num_classes, target_mask=None, device="auto", init_displacement=None):
+    def fake_register(x, imgs, labs, cfg, num_classes, target_mask=None, device="auto", init_displacement=None,
+                      organs=None):
+        assert organs is not None and organs.labels is labs  # one AtlasOrgans per atlas set, for every registration
         calls["register"].append((cfg.supervision, None if target_mask is None else target_mask.clone()))
         calls.setdefault("warm", []).append(init_displacement is not None)
         return RegistrationResult(torch.zeros(N, 3, *S), torch.zeros(N, 1, *S), torch.zeros(N, C, *S),

@@ -17,6 +17,7 @@ from monai.losses import BendingEnergyLoss, DiffusionLoss, LocalNormalizedCrossC
 from isl_core.config import RegisterConfig
 from isl_core.lncc import FastLNCC, box_sum_cumsum, box_sum_pool
 from isl_core.register import (
+    AtlasOrgans,
     affine_coords,
     affine_to_ddf,
     folding_fraction,
@@ -154,6 +155,39 @@ def test_batched_equals_single_registrations():
     assert len(single.loss_history) == len(batched.loss_history) == 30
     alone = register_atlases(fixed, moving[2:], moving_labels[2:], cfg, NUM_CLASSES, target_mask=target, device="cpu")
     torch.testing.assert_close(alone.displacement[0], batched.displacement[2], atol=1e-3, rtol=0)
+
+
+def test_shared_organ_maps_change_no_bit(monkeypatch):
+    import isl_core.register as reg
+
+    size = (32, 32, 32)
+    fixed, fixed_labels = phantom(size)
+    moving, moving_labels = deform(fixed.repeat(3, 1, 1, 1, 1), fixed_labels.repeat(3, 1, 1, 1),
+                                   smooth_field(size, 3.0, seed=7, n=3))
+    target = to_onehot(fixed_labels, NUM_CLASSES) * 0.9 + 0.1 / NUM_CLASSES
+    made = []
+    real = reg.organ_maps
+    monkeypatch.setattr(reg, "organ_maps", lambda *a: made.append(a[1:]) or real(*a))
+    organs = AtlasOrgans(moving_labels)
+    first = register_atlases(fixed, moving, moving_labels, RegisterConfig(iterations=5, levels=2), NUM_CLASSES,
+                             device="cpu")
+    settings = {  # affine stage (Dice on the image grid), two levels in chunks of 2, a warm start
+        "affine": (RegisterConfig(supervision="both", iterations=4, levels=2, init="affine", affine_iterations=3,
+                                  atlas_chunk=2), None),
+        "warm": (RegisterConfig(supervision="mask", warm_start_iterations=4), first.displacement)}
+    for cfg, init in settings.values():
+        alone = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, target_mask=target, device="cpu",
+                                 init_displacement=init)
+        for _ in range(2):  # the first call makes the maps, the second reuses them
+            shared = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, target_mask=target,
+                                      device="cpu", init_displacement=init, organs=organs)
+            assert torch.equal(shared.displacement, alone.displacement)
+            assert torch.equal(shared.warped_labels, alone.warped_labels)
+    # made once each: affine stage and 2 levels for 2 chunks, then the warm start's finest level, all atlases
+    assert len(made) == len(organs._maps) == 3 * 2 + 1
+    with pytest.raises(ValueError, match="another label tensor"):
+        register_atlases(fixed, moving, moving_labels.clone(), cfg, NUM_CLASSES, target_mask=target, device="cpu",
+                         init_displacement=init, organs=organs)
 
 
 def test_running_out_of_memory_halves_the_atlas_chunk(monkeypatch):
