@@ -53,6 +53,7 @@ clean-venv:
 	rm -rf $(VENV)
 
 # Wheels a GPU machine without a package index needs for bench/gpu_run.sh (its image has torch, numpy, scipy).
-gpu-wheels: $(STAMP)
-	$(BIN)/python -m pip download --quiet --no-deps -d bench/wheels \
+# Both are pure-Python wheels: any pip can fetch them, no .venv needed.
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: -d bench/wheels \
 		$$(grep -E '^(monai|nibabel)==' constraints.txt)

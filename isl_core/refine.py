@@ -232,6 +232,16 @@ def _marks(profile: Profile, ema: bool) -> set[int]:
     return _update_steps(profile.refine.finetune_steps, profile.refine.ema_every if ema else 0)
 
 
+def update_schedule(profile: Profile, ema: bool) -> list[int]:
+    """The fine-tuning steps, counted over all rounds, at which ``ISLResult.mask_updates`` records M.
+
+    The first entry is 0 (M0, before any fine-tuning). With the moving average M is updated every
+    ``refine.ema_every`` steps and at the end of each round; without it, M = P at the end of each round.
+    """
+    steps, within = profile.refine.finetune_steps, sorted(_marks(profile, ema))
+    return [0] + [r * steps + k for r in range(profile.refine.rounds) for k in within]
+
+
 def _originals(atlas_images, atlas_labels, profile: Profile, mix_original: bool):
     return (atlas_images, atlas_labels.long()) if (mix_original or profile.refine.mix_original > 0) else None
 

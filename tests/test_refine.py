@@ -74,6 +74,7 @@ def test_moving_average_sequence_equals_the_formula(monkeypatch):
     for k in range(1, 5):
         expected.append(beta * expected[-1] + (1 - beta) * preds[k])
     assert len(res.mask_updates) == 5
+    assert refine.update_schedule(p, ema=True) == [0, 3, 6, 9, 12]  # where each entry of mask_updates was taken
     for got, want in zip(res.mask_updates, expected):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(res.final_probs, expected[-1])
@@ -85,8 +86,9 @@ def test_moving_average_sequence_equals_the_formula(monkeypatch):
 
 
 def test_without_moving_average_the_final_mask_is_the_last_prediction(monkeypatch):
-    res, preds, calls, _, _ = _run(monkeypatch, ema=False)
+    res, preds, calls, _, p = _run(monkeypatch, ema=False)
     assert len(res.mask_updates) == 3  # P0, then one M = P per round
+    assert refine.update_schedule(p, ema=False) == [0, 6, 12]
     torch.testing.assert_close(res.final_probs, preds[2])
     torch.testing.assert_close(calls["register"][1][1][0], preds[1])
 
