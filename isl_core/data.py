@@ -276,7 +276,9 @@ def to_source_geometry(probs: torch.Tensor, reference: dict[str, Any]) -> np.nda
 
     src = nib.load(reference["source_image"])
     work_affine = torch.as_tensor(reference["image"].affine, dtype=torch.float64)
-    probs = MetaTensor(torch.as_tensor(probs, dtype=torch.float32).detach().cpu(), affine=work_affine)
+    # a plain tensor first: a MetaTensor input would keep its own affine and warn that it is overwritten
+    plain = torch.as_tensor(probs, dtype=torch.float32).detach().cpu().as_subclass(torch.Tensor)
+    probs = MetaTensor(plain, affine=work_affine)
     out = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
         probs, dst_affine=torch.as_tensor(src.affine, dtype=torch.float64), spatial_size=src.shape[:3])
     out = torch.as_tensor(out).as_subclass(torch.Tensor)
