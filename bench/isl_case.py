@@ -71,10 +71,10 @@ def warm_up(profile, net0, x, images, labels, device, supervision: str) -> None:
     sync(device)
 
 
-def results_path(date: str, slug: str) -> Path:
-    """``isl_case_<date>_<device>.json``; a later run the same day gets the time appended (nothing is overwritten)."""
-    path = RESULTS / f"isl_case_{date}_{slug}.json"
-    return path if not path.exists() else RESULTS / f"isl_case_{date}_{slug}_{time.strftime('%H%M%S')}.json"
+def results_path(date: str, slug: str, stem: str = "isl_case") -> Path:
+    """``<stem>_<date>_<device>.json``; a later run the same day gets the time appended (nothing is overwritten)."""
+    path = RESULTS / f"{stem}_{date}_{slug}.json"
+    return path if not path.exists() else RESULTS / f"{stem}_{date}_{slug}_{time.strftime('%H%M%S')}.json"
 
 
 def write(path: Path, record: dict) -> None:

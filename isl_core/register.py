@@ -292,9 +292,11 @@ def mask_grid_size(cfg: RegisterConfig, image_size: Shape, field_size: Shape | N
 
 def organ_maps(onehot: torch.Tensor, image_size: Shape, mask_size: Shape) -> torch.Tensor:
     """(N, C - 1, *mask_size): the organ channels of a one-hot resampled as a pyramid level compares them."""
-    # Background is dropped after the first resampling, exactly as a level has always done it, so the maps
-    # are the same bits whether they come from here or from an AtlasOrgans cache.
-    return resize_volume(resize_volume(onehot, image_size)[:, 1:], mask_size)
+    # One atlas at a time: smoothing a full-resolution one-hot before shrinking it holds several copies of its
+    # input (at paper size 2.1 GB each for 24 atlases), so a batch would set the registration's peak memory.
+    # Resampling is per atlas and per channel, so the result has the same bits as a batch would.
+    return torch.cat([resize_volume(resize_volume(onehot[i:i + 1, 1:], image_size), mask_size)
+                      for i in range(onehot.shape[0])])
 
 
 class AtlasOrgans:
@@ -536,6 +538,7 @@ def register_atlases(fixed_image: torch.Tensor, moving_images: torch.Tensor, mov
     if organs is not None and organs.labels is not moving_labels:
         raise ValueError("organs= was made for another label tensor; make one AtlasOrgans per set of atlas labels "
                          "and pass that same tensor as moving_labels")
+    organs = organs if organs is not None else AtlasOrgans(moving_labels)  # for this call only
     # MONAI MetaTensors carry metadata through every operation, which costs time in a hot loop and means
     # nothing for tensors on a common grid: work on plain tensors.
     plain = [None if t is None else torch.as_tensor(t).as_subclass(torch.Tensor)

@@ -24,6 +24,7 @@ from isl_core.register import (
     jacobian_determinant,
     register_atlases,
     resize_field,
+    resize_volume,
     sample,
     sampling_grid,
     smoothness,
@@ -178,13 +179,20 @@ def test_shared_organ_maps_change_no_bit(monkeypatch):
     for cfg, init in settings.values():
         alone = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, target_mask=target, device="cpu",
                                  init_displacement=init)
+        counts = []
         for _ in range(2):  # the first call makes the maps, the second reuses them
             shared = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, target_mask=target,
                                       device="cpu", init_displacement=init, organs=organs)
+            counts.append(len(made))
             assert torch.equal(shared.displacement, alone.displacement)
             assert torch.equal(shared.warped_labels, alone.warped_labels)
-    # made once each: affine stage and 2 levels for 2 chunks, then the warm start's finest level, all atlases
-    assert len(made) == len(organs._maps) == 3 * 2 + 1
+        assert counts[1] == counts[0]
+    # kept: affine stage and 2 levels for each of 2 chunks, then the warm start's finest level for all atlases
+    assert len(organ_keys := organs._maps) == 3 * 2 + 1, organ_keys.keys()
+    # made atlas by atlas (memory), they are the bits a batch gives
+    onehot = to_onehot(moving_labels, NUM_CLASSES)
+    torch.testing.assert_close(reg.organ_maps(onehot, (24, 24, 24), (12, 12, 12)),
+                               resize_volume(resize_volume(onehot, (24, 24, 24))[:, 1:], (12, 12, 12)), atol=0, rtol=0)
     with pytest.raises(ValueError, match="another label tensor"):
         register_atlases(fixed, moving, moving_labels.clone(), cfg, NUM_CLASSES, target_mask=target, device="cpu",
                          init_displacement=init, organs=organs)
