@@ -304,8 +304,8 @@ class AtlasOrgans:
 
     They depend on the labels and the grid only, not on the inference image, the mask M or the round, so every
     mask-supervised registration of the same atlases (each ISL round and variant, each case of an experiment)
-    can share them. Resampling them is about a fifth of a warm-started registration at the quick size (1.1 of
-    5.7 s on 2 CPU cores). Pass the same object, with the same label tensor, to every such
+    can share them (0.2 s per registration at the quick size on 2 CPU cores; more at paper size, where the coarse
+    levels smooth a 2.1 GB one-hot). Pass the same object, with the same label tensor, to every such
     :func:`register_atlases` call; it holds only the small resampled maps (the field grid is 1/8 of the voxels).
     """
 
@@ -464,12 +464,11 @@ def _check_inputs(fixed, moving, labels, cfg, num_classes, target_mask) -> None:
             raise ValueError(f"{name} contain NaN or inf")
 
 
-def _register_chunk(fixed, moving, onehot, target, cfg: RegisterConfig, init_ddf: torch.Tensor | None = None,
-                    organs: Callable[[Shape, Shape], torch.Tensor] | None = None) -> tuple[torch.Tensor, list]:
+def _register_chunk(fixed, moving, organs: Callable[[Shape, Shape], torch.Tensor], target, cfg: RegisterConfig,
+                    init_ddf: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
     """Full-resolution displacement (N, 3, H, W, D) for one batch of atlases, plus the loss history.
 
-    ``organs(image_size, mask_size)`` gives this batch's resampled organ maps (mask supervision); without it
-    they are resampled from ``onehot`` on every level.
+    ``organs(image_size, mask_size)`` gives this batch's organ maps as a level compares them (mask supervision).
     """
     size = tuple(fixed.shape[2:])
     levels = pyramid(size, cfg)
@@ -478,9 +477,8 @@ def _register_chunk(fixed, moving, onehot, target, cfg: RegisterConfig, init_ddf
     mask_supervised = cfg.supervision != "intensity"
 
     def objective_at(img_size, fld_size=None, regularise=True):
-        given = organs(img_size, mask_grid_size(cfg, img_size, fld_size)) if organs and mask_supervised else None
-        return LevelObjective(resize_volume(fixed, img_size), resize_volume(moving, img_size),
-                              resize_volume(onehot, img_size) if mask_supervised and given is None else None,
+        given = organs(img_size, mask_grid_size(cfg, img_size, fld_size)) if mask_supervised else None
+        return LevelObjective(resize_volume(fixed, img_size), resize_volume(moving, img_size), None,
                               resize_volume(target, img_size) if target is not None else None,
                               cfg, field_size=fld_size, regularise=regularise, moving_organs=given)
 
@@ -578,7 +576,7 @@ def register_atlases(fixed_image: torch.Tensor, moving_images: torch.Tensor, mov
 
 
 def _register_in_chunks(fixed, moving, onehot, target, cfg: RegisterConfig, init: torch.Tensor | None, chunk: int,
-                        organs: AtlasOrgans | None = None) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+                        organs: AtlasOrgans) -> tuple[torch.Tensor, list[torch.Tensor], int]:
     """Displacements of all atlases, ``chunk`` at a time; the chunk is halved whenever the device runs out of memory.
 
     Atlases are registered independently (the loss is a sum over atlases, and every operation is per atlas),
@@ -590,10 +588,9 @@ def _register_in_chunks(fixed, moving, onehot, target, cfg: RegisterConfig, init
     while start < n:
         sl = slice(start, start + chunk)
         try:
-            chunk_organs = None if organs is None else (
-                lambda img_size, mask_size, sl=sl: organs.at(onehot, sl, img_size, mask_size))
-            ddf, hist = _register_chunk(fixed, moving[sl], onehot[sl], target, cfg,
-                                        None if init is None else init[sl].to(dev, torch.float32), chunk_organs)
+            ddf, hist = _register_chunk(fixed, moving[sl],
+                                        lambda img_size, mask_size, sl=sl: organs.at(onehot, sl, img_size, mask_size),
+                                        target, cfg, None if init is None else init[sl].to(dev, torch.float32))
         except torch.OutOfMemoryError:
             if chunk == 1:
                 raise
