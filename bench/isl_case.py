@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import sys
@@ -34,7 +35,7 @@ from registration import _rss_mb, copy_bandwidth_gbs, device_name, device_slug, 
 from isl_core.config import get_profile  # noqa: E402
 from isl_core.phantoms import ShiftSpec, draw_subject  # noqa: E402
 from isl_core.refine import adapt  # noqa: E402
-from isl_core.register import LevelObjective, affine_coords, optimise, to_onehot  # noqa: E402
+from isl_core.register import Atlases, LevelObjective, affine_coords, optimise, to_onehot  # noqa: E402
 from isl_core.runtime import atomic_path, resolve_device  # noqa: E402
 from isl_core.segment import build_network  # noqa: E402
 
@@ -66,7 +67,7 @@ def warm_up(profile, net0, x, images, labels, device, supervision: str) -> None:
         tiny.register.fast_lncc = fast
         tiny.register.iterations, tiny.register.warm_start_iterations, tiny.register.affine_iterations = 2, 1, 1
         tiny.refine.rounds, tiny.refine.finetune_steps = 2, 2
-        adapt(net0, x, images, labels, tiny, 14, supervision=supervision, ema=True, keep_atlases=False,
+        adapt(net0, x, Atlases(images, labels), tiny, 14, supervision=supervision, ema=True, keep_atlases=False,
               device=device, seed=0)
     sync(device)
 
@@ -87,7 +88,7 @@ def time_adaptation(profile, net0, x, images, labels, device, supervision: str) 
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t0 = time.perf_counter()
-    res = adapt(net0, x, images, labels, profile, 14, supervision=supervision, ema=True, keep_atlases=False,
+    res = adapt(net0, x, Atlases(images, labels), profile, 14, supervision=supervision, ema=True, keep_atlases=False,
                 device=device, seed=0)
     sync(device)
     total = time.perf_counter() - t0
@@ -100,8 +101,7 @@ def time_adaptation(profile, net0, x, images, labels, device, supervision: str) 
 
 
 def time_iteration(profile, x, images, labels, device, iters: int, fast: bool) -> float:
-    cfg = copy.deepcopy(profile.register)
-    cfg.supervision, cfg.fast_lncc = "both", fast
+    cfg = dataclasses.replace(profile.register, supervision="both", fast_lncc=fast)
     onehot = to_onehot(labels.to(device), 14)
     size = tuple(x.shape[2:])
     field_shape = tuple(max(4, round(s * cfg.field_scale)) for s in size)

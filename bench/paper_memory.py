@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import sys
 import time
@@ -30,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from isl_case import make_case, results_path, write  # noqa: E402
 from registration import _rss_mb, device_name, device_slug, sync  # noqa: E402
 
+from isl_core.appearance import atlas_consensus, match_appearance  # noqa: E402
 from isl_core.config import get_profile  # noqa: E402
-from isl_core.refine import Finetuner, adapt, atlas_consensus, match_appearance  # noqa: E402
-from isl_core.register import register_atlases  # noqa: E402
+from isl_core.refine import Finetuner, adapt  # noqa: E402
+from isl_core.register import Atlases, register_atlases  # noqa: E402
 from isl_core.runtime import resolve_device  # noqa: E402
 from isl_core.segment import build_network, predict_proba  # noqa: E402
 
@@ -89,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         return value
 
     probs = stage("inference (sliding window)", lambda: predict_proba(net0, x, prof.segment, device)[0].cpu())
-    cfg = copy.deepcopy(prof.register)
-    cfg.supervision = "both"
+    cfg = dataclasses.replace(prof.register, supervision="both")
+    atlases = Atlases(images, labels)
     reg = stage("registration (all levels, mask + intensity)",
-                lambda: register_atlases(x, images, labels, cfg, 14, target_mask=probs[None], device=device))
+                lambda: register_atlases(x, atlases, cfg, 14, target_mask=probs[None], device=device))
 
     warped_x, warped_y, onehot = reg.warped_images.cpu(), reg.warped_labels.cpu().long(), reg.warped_onehot.cpu()
     del reg  # the adaptation keeps only the round's deformed set on the host while it fine-tunes
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stage("fine-tuning (appearance matching + steps)", finetune)
     if args.whole if args.whole is not None else device.type == "cuda":
-        stage("whole adaptation", lambda: adapt(net0, x, images, labels, prof, 14, supervision="both", ema=True,
+        stage("whole adaptation", lambda: adapt(net0, x, atlases, prof, 14, supervision="both", ema=True,
                                                 keep_atlases=False, device=device, seed=0))
     name = device_name(device)
     record = {"device": name, "date": datetime.date.today().isoformat(),

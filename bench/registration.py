@@ -28,6 +28,7 @@ configuration alone; on CUDA it is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import multiprocessing as mp
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from isl_core.config import RegisterConfig
-from isl_core.register import LevelObjective, affine_coords, optimise, register_atlases, to_onehot, warp
+from isl_core.register import Atlases, LevelObjective, affine_coords, optimise, register_atlases, to_onehot, warp
 from isl_core.runtime import atomic_path, resolve_device
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -155,11 +156,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     record: dict[str, Any] = {}
     if spec["full"]:
         labels = onehot.argmax(1)
-        register_atlases(fixed, moving[:1], labels[:1], RegisterConfig(**{**cfg.__dict__, "iterations": 2}),
+        register_atlases(fixed, Atlases(moving[:1], labels[:1]), dataclasses.replace(cfg, iterations=2),
                          spec["classes"], target_mask=target, device=dev)  # warm-up (allocator, kernels)
         sync(dev)
         t0 = time.perf_counter()
-        result = register_atlases(fixed, moving, labels, cfg, spec["classes"], target_mask=target, device=dev)
+        result = register_atlases(fixed, Atlases(moving, labels), cfg, spec["classes"], target_mask=target, device=dev)
         sync(dev)
         seconds = time.perf_counter() - t0
         record.update(mode="full_call", seconds_total=round(seconds, 3), levels=cfg.levels, image_scale=cfg.image_scale,

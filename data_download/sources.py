@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from isl_core.config import BTCV_LABELS
+from data_download.labels import BTCV_LABELS
 
 GB = 1_000_000_000
 MB = 1_000_000

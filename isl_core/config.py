@@ -1,39 +1,31 @@
-"""Settings of every stage and the named profiles ``ci``, ``quick`` and ``paper``.
+"""Settings of every stage and the named profiles ``ci``, ``smoke``, ``quick`` and ``paper``.
 
 This module is the single source of truth for every tunable number of the kit. A profile bundles one
-dataclass per pipeline stage; ``get_profile(name, **overrides)`` returns a fresh copy that callers may
-change without affecting the registry. Checkpoints and result folders store ``profile.to_dict()`` so a
-run can always be rebuilt.
+dataclass per pipeline stage; ``get_profile(name, **overrides)`` returns a fresh copy that callers may change
+without affecting the registry. Every setting is checked when it is set: a string option outside its allowed
+values, or a number outside its range, raises ``ValueError`` naming the field. Checkpoints and result folders
+store ``profile.to_dict()``; ``Profile.from_dict`` rebuilds it and refuses keys it does not know, so a renamed
+field in an old ``config.json`` never falls back to a default without a word.
 
 Why the values are what they are is documented in ``docs/paper_reconstruction.md``.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-#: BTCV / Synapse multi-organ label ids, used by the synthetic cohort and the abdominal datasets.
-BTCV_LABELS: dict[int, str] = {
-    0: "background",
-    1: "spleen",
-    2: "right_kidney",
-    3: "left_kidney",
-    4: "gallbladder",
-    5: "esophagus",
-    6: "liver",
-    7: "stomach",
-    8: "aorta",
-    9: "inferior_vena_cava",
-    10: "portal_splenic_vein",
-    11: "pancreas",
-    12: "right_adrenal",
-    13: "left_adrenal",
-}
+from data_download.labels import BTCV_LABELS
 
-#: Method names understood by ``isl experiment`` (the DESIGN.md contract plus our extensions).
+__all__ = [
+    "BTCV_LABELS", "METHODS", "DEFAULT_METHODS", "DataConfig", "SegmentConfig", "RegisterConfig", "FusionConfig",
+    "RefineConfig", "Profile", "PROFILE_NAMES", "get_profile", "SYNTH_COHORTS",
+]
+
+#: Method names understood by ``isl experiment`` (the paper's variants plus the kit's extensions).
 METHODS: tuple[str, ...] = (
     "baseline",
     "malf",
@@ -46,9 +38,57 @@ METHODS: tuple[str, ...] = (
 #: The methods run when ``--methods`` is not given.
 DEFAULT_METHODS: tuple[str, ...] = ("baseline", "malf", "isl-intensity", "isl-mask", "isl-mask-ema")
 
+Supervision = Literal["intensity", "mask", "both"]
+
+
+class _Checked:
+    """Checks every field whenever it is set (at construction and on later assignment).
+
+    ``Literal[...]`` annotations give the allowed values of string options; ``_RANGES`` maps a numeric field to
+    ``(low, high, high_inclusive)`` (``None``: unbounded). Checking on assignment matters because notebooks and
+    tests change profiles in place: ``profile.refine.appearance = "mtach"`` must fail there, not silently turn
+    appearance matching off much later.
+    """
+
+    _RANGES: typing.ClassVar[dict[str, tuple[float | None, float | None, bool]]] = {}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _check_field(type(self), name, value)
+        super().__setattr__(name, value)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    cache = cls.__dict__.get("_hints_cache")
+    if cache is None:
+        cache = typing.get_type_hints(cls)
+        type.__setattr__(cls, "_hints_cache", cache)
+    return cache
+
+
+def _check_field(cls: type, name: str, value: Any) -> None:
+    where = f"{cls.__name__}.{name}"
+    hint = _hints(cls).get(name)
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ValueError(f"{where} = {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+    bounds = cls._RANGES.get(name)
+    if bounds is not None:
+        lo, hi, hi_inclusive = bounds
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (lo is None or value >= lo) and (hi is None or (value <= hi if hi_inclusive else value < hi))
+        if not ok:
+            upper = "" if hi is None else f" and {'<=' if hi_inclusive else '<'} {hi}"
+            raise ValueError(f"{where} = {value!r} is out of range; it must be a finite number >= {lo}{upper}")
+
+
+_POSITIVE = (1, None, False)  # an integer count of at least one
+_NON_NEGATIVE = (0, None, False)
+_FRACTION = (0, 1, True)
+
 
 @dataclass
-class DataConfig:
+class DataConfig(_Checked):
     """Preprocessing: every case is brought onto one common grid so atlases can be registered in a batch."""
 
     spacing: tuple[float, float, float] = (8.0, 8.0, 10.0)  # target voxel size in mm (RAS order)
@@ -59,10 +99,10 @@ class DataConfig:
 
 
 @dataclass
-class SegmentConfig:
+class SegmentConfig(_Checked):
     """Stage 1: the baseline segmenter and its training schedule."""
 
-    arch: str = "unet"  # "unet" (monai.networks.nets.UNet) or "dynunet"
+    arch: Literal["unet", "dynunet"] = "unet"  # monai.networks.nets.UNet or DynUNet
     channels: tuple[int, ...] = (8, 16, 32, 64)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = 1
@@ -83,14 +123,19 @@ class SegmentConfig:
     sw_overlap: float = 0.25  # sliding-window inference overlap
     sw_batch_size: int = 4
 
+    _RANGES = {"batch_size": _POSITIVE, "num_samples": _POSITIVE, "max_steps": _NON_NEGATIVE,
+               "lr": (0, None, False), "warmup_steps": _NON_NEGATIVE, "val_every": _POSITIVE,
+               "checkpoint_every": _POSITIVE, "dropout": (0, 1, False), "sw_overlap": (0, 1, False),
+               "sw_batch_size": _POSITIVE, "grad_clip": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE}
+
 
 @dataclass
-class RegisterConfig:
+class RegisterConfig(_Checked):
     """Stage 2: batched instance-optimised deformable registration of atlases onto the inference image."""
 
-    supervision: str = "intensity"  # "intensity" | "mask" | "both"
-    supervision_mask: str = "both"  # what the isl-mask* methods use: "mask" (mask term only) or "both" (+ LNCC)
-    init: str = "com"  # initial alignment: "com" (centre of mass of the body), "affine" (com + affine) or "none"
+    supervision: Supervision = "intensity"
+    supervision_mask: Literal["mask", "both"] = "both"  # what the isl-mask* methods use: mask term only, or + LNCC
+    init: Literal["com", "affine", "none"] = "com"  # initial alignment: centre of mass of the body, + affine, none
     image_scale: float = 1.0  # registration runs on images resampled by this factor
     field_scale: float = 0.5  # displacement grid relative to the registration grid
     levels: int = 2  # multi-resolution pyramid levels (coarse to fine)
@@ -101,28 +146,40 @@ class RegisterConfig:
     mask_weight: float = 1.0  # soft Dice weight when mask supervision is on
     bending_weight: float = 0.5
     diffusion_weight: float = 0.1
+    reference_spacing_mm: float = 0.0  # >0: the bending weight holds for field voxels of this size in mm and is
+    #                                    rescaled on other grids (same physical stiffness); 0: per voxel
     fast_lncc: bool = True  # False uses monai's LocalNormalizedCrossCorrelationLoss (reference path)
     atlas_chunk: int = 0  # 0: all atlases in one batch; >0: at most this many at once (memory)
     body_threshold: float = 0.05  # init "com": the body is image > this (a mask, robust to contrast changes)
     affine_iterations: int = 40  # init "affine": Adam steps on a 12-parameter affine after the com step
     affine_lr: float = 0.01  # init "affine": step in normalised coordinates ([-1, 1] spans the field of view)
     lncc_var_floor: float = 1e-4  # local variance below this counts as flat (no information) in the LNCC
-    mask_grid: str = "field"  # soft Dice evaluated on the "field" grid (cheap with many organs) or the "image" grid
+    mask_grid: Literal["field", "image"] = "field"  # where the soft Dice is evaluated: the field or image grid
     warm_start_iterations: int = 0  # >0: a later ISL round refines the previous round's alignment (finest level
     #                                 only, this many steps) instead of registering from scratch
 
+    _RANGES = {"image_scale": (0, None, False), "field_scale": (0, 1, True), "levels": _POSITIVE,
+               "iterations": _NON_NEGATIVE, "lr": (0, None, False), "lncc_kernel": _POSITIVE,
+               "image_weight": _NON_NEGATIVE, "mask_weight": _NON_NEGATIVE, "bending_weight": _NON_NEGATIVE,
+               "diffusion_weight": _NON_NEGATIVE,
+               "reference_spacing_mm": _NON_NEGATIVE, "atlas_chunk": _NON_NEGATIVE, "affine_iterations": _NON_NEGATIVE,
+               "affine_lr": (0, None, False), "lncc_var_floor": _NON_NEGATIVE,
+               "warm_start_iterations": _NON_NEGATIVE}
+
 
 @dataclass
-class FusionConfig:
+class FusionConfig(_Checked):
     """Multi-atlas label fusion (the ``malf`` baseline)."""
 
-    method: str = "weighted"  # "majority" or "weighted" (local LNCC-weighted vote)
+    method: Literal["majority", "weighted"] = "weighted"  # majority vote or local LNCC-weighted vote
     kernel: int = 5
     temperature: float = 0.1  # softness of the local similarity weights
 
+    _RANGES = {"kernel": _POSITIVE, "temperature": (0, None, False)}
+
 
 @dataclass
-class RefineConfig:
+class RefineConfig(_Checked):
     """Stage 3: the ISL loop for one inference image."""
 
     rounds: int = 2
@@ -135,8 +192,26 @@ class RefineConfig:
     ema_every: int = 10  # also update the moving average every this many fine-tuning steps (0: only per round)
     malf_blend: float = 0.5  # isl-mask-ema-malf: initial M = blend * MALF + (1 - blend) * P
     mask_from_round: int = 2  # mask-supervised alignment starts here; earlier rounds align intensities only
-    appearance: str = "match"  # "match": warped atlases take x*'s organ intensities and noise; "none"
-    appearance_guide: str = "atlases"  # where x*'s organ intensities are read: "atlases" (consensus) or "mask" (M)
+    appearance: Literal["match", "none"] = "match"  # "match": warped atlases take x*'s organ intensities and noise
+    appearance_guide: Literal["atlases", "mask"] = "atlases"  # where x*'s organ intensities are read: the atlases'
+    #                                                           consensus or the current mask M
+    patch_sampling: Literal["foreground", "uniform"] = "foreground"  # fine-tuning patches smaller than the grid:
+    #     centred on an organ voxel with Stage 1's pos_neg_ratio share ("foreground"), or anywhere ("uniform")
+    consensus_agree: float = 0.5  # "atlases" guide: class k where at least this share of the warped atlases has it
+    # Intensity augmentation of the deformed atlases during fine-tuning (per sample, uniform in each range)
+    augment_gamma: tuple[float, float] = (0.8, 1.25)  # gamma of the [0, 1] intensities
+    augment_scale: tuple[float, float] = (0.9, 1.1)  # multiplicative contrast
+    augment_shift: float = 0.05  # additive offset in [-shift, +shift]
+    augment_noise: float = 0.03  # Gaussian noise with a standard deviation up to this
+
+    _RANGES = {"rounds": _POSITIVE, "finetune_steps": _POSITIVE, "lr": (0, None, False),
+               "batch_size": _POSITIVE, "mix_original": (0, 1, False), "beta": (0, 1, False),
+               "ema_every": _NON_NEGATIVE, "malf_blend": _FRACTION, "mask_from_round": _POSITIVE,
+               "consensus_agree": _FRACTION, "augment_shift": _NON_NEGATIVE, "augment_noise": _NON_NEGATIVE}
+
+
+_STAGES: dict[str, type] = {"data": DataConfig, "segment": SegmentConfig, "register": RegisterConfig,
+                            "fusion": FusionConfig, "refine": RefineConfig}
 
 
 @dataclass
@@ -153,26 +228,33 @@ class Profile:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Profile:
-        def build(dc: type, values: dict[str, Any]):
-            kwargs = {}
-            for f in dataclasses.fields(dc):
-                if f.name in values:
-                    v = values[f.name]
-                    kwargs[f.name] = tuple(v) if isinstance(v, list) else v
-            return dc(**kwargs)
+        """Rebuild a profile from ``to_dict()`` output; unknown stages or fields raise ``ValueError``."""
+        if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+            raise ValueError("a profile must be a mapping with a 'name' string and one mapping per stage")
+        unknown = sorted(set(d) - {"name", *_STAGES})
+        if unknown:
+            raise ValueError(f"profile {d['name']!r}: unknown stage(s) {unknown}; known: {', '.join(_STAGES)}")
+        return cls(name=d["name"], **{stage: _build(dc, d.get(stage, {}), f"{d['name']}.{stage}")
+                                      for stage, dc in _STAGES.items()})
 
-        return cls(
-            name=d["name"],
-            data=build(DataConfig, d.get("data", {})),
-            segment=build(SegmentConfig, d.get("segment", {})),
-            register=build(RegisterConfig, d.get("register", {})),
-            fusion=build(FusionConfig, d.get("fusion", {})),
-            refine=build(RefineConfig, d.get("refine", {})),
-        )
+
+def _build(dc: type, values: Any, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"profile section {where} must be a mapping, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(dc)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"profile section {where}: unknown field(s) {unknown}; was the setting renamed? "
+                         f"Known fields: {', '.join(sorted(names))}")
+    return dc(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _shallow(settings: Any) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
 
 
 def _ci() -> Profile:
-    # Tiny: the whole test and notebook suite must run in minutes on 2 CPU cores.
+    # Tiny: the whole test suite must run in minutes on 2 CPU cores.
     return Profile(
         name="ci",
         data=DataConfig(spacing=(8.0, 8.0, 10.0), shape=(48, 48, 32)),
@@ -181,6 +263,17 @@ def _ci() -> Profile:
         register=RegisterConfig(iterations=15, levels=2, warm_start_iterations=8),
         refine=RefineConfig(rounds=2, finetune_steps=6, batch_size=2, ema_every=3),
     )
+
+
+def _smoke() -> Profile:
+    # The ci profile cut further, so that the seven notebooks (and their exercises) run in a few minutes on 2 CPU
+    # cores. Its numbers only show that everything runs; its synthetic cohort (SYNTH_COHORTS) is small too.
+    p = _ci()
+    return Profile(name="smoke", data=p.data,
+                   segment=dataclasses.replace(p.segment, max_steps=20),
+                   register=dataclasses.replace(p.register, iterations=8, image_scale=0.5),
+                   fusion=p.fusion,
+                   refine=dataclasses.replace(p.refine, finetune_steps=2, ema_every=1))
 
 
 def _quick() -> Profile:
@@ -207,29 +300,41 @@ def _paper() -> Profile:
                               num_res_units=2, patch_size=(96, 96, 96), batch_size=2, num_samples=2,
                               max_steps=20000, val_every=1000, checkpoint_every=500, lr=1e-3,
                               warmup_steps=500, sw_batch_size=4, sw_overlap=0.5),
+        # reference_spacing_mm: the bending weight was chosen on the quick profile, whose finest field grid has
+        # voxels of about 17.7 mm; in millimetres the paper grid's fields are then as stiff as the quick ones
         register=RegisterConfig(image_scale=0.5, field_scale=0.5, levels=3, iterations=100, lncc_kernel=7,
-                                warm_start_iterations=50),
+                                warm_start_iterations=50, reference_spacing_mm=17.7),
         refine=RefineConfig(rounds=3, finetune_steps=200, batch_size=4, lr=2e-4, mix_original=0.25,
                             ema_every=50),
     )
 
 
-_PROFILES = {"ci": _ci, "quick": _quick, "paper": _paper}
+_PROFILES = {"ci": _ci, "smoke": _smoke, "quick": _quick, "paper": _paper}
 PROFILE_NAMES: tuple[str, ...] = tuple(_PROFILES)
 
 
-def get_profile(name: str = "quick") -> Profile:
-    """A fresh copy of the named profile (``ci``, ``quick`` or ``paper``)."""
+def get_profile(name: str = "quick", **overrides: dict[str, Any]) -> Profile:
+    """A fresh copy of the named profile, with optional per-stage overrides.
+
+    ``get_profile("quick", refine={"rounds": 3, "beta": 0.5})`` changes those two settings of Stage 3; every
+    override is checked like any setting (unknown stage or field, or a value out of range: ``ValueError``).
+    """
     if name not in _PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILE_NAMES)}")
-    return copy.deepcopy(_PROFILES[name]())
-
+    profile = _PROFILES[name]()  # the builders make new objects on every call: nothing is shared
+    for stage, values in overrides.items():
+        if stage not in _STAGES:
+            raise ValueError(f"unknown profile stage {stage!r} in the overrides; known: {', '.join(_STAGES)}")
+        setattr(profile, stage, _build(_STAGES[stage], {**_shallow(getattr(profile, stage)), **values},
+                                       f"{name}.{stage}"))
+    return profile
 
 
 #: The synthetic cohort each profile uses when no dataset is given (``isl reproduce``, notebooks, tests);
 #: ``quick`` and ``paper`` use the default cohort of ``isl data synth``. See ``phantoms.cohort_for_profile``.
 SYNTH_COHORTS: dict[str, dict[str, Any]] = {
     "ci": {"n_train": 6, "n_val": 3, "size": (64, 64, 40)},
+    "smoke": {"n_train": 6, "n_val": 2, "size": (64, 64, 40)},
     "quick": {"n_train": 12, "n_val": 6, "size": (96, 96, 64)},
     "paper": {"n_train": 12, "n_val": 6, "size": (96, 96, 64)},
 }

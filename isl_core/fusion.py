@@ -76,6 +76,4 @@ def fuse(fixed_image: torch.Tensor, result: RegistrationResult, cfg: FusionConfi
     num_classes = result.warped_onehot.shape[1]
     if cfg.method == "majority":
         return majority_vote(result.warped_labels, num_classes)
-    if cfg.method == "weighted":
-        return weighted_vote(fixed_image, result.warped_images, result.warped_onehot, cfg)
-    raise ValueError(f"unknown fusion method {cfg.method!r}; use 'majority' or 'weighted'")
+    return weighted_vote(fixed_image, result.warped_images, result.warped_onehot, cfg)  # FusionConfig checks method

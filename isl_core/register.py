@@ -13,6 +13,10 @@ looks like the fixed (inference) image ``x*``::
 ``v_i``. ``v_i`` is optimised directly with Adam ("instance optimisation": no network, a few dozen steps),
 coarse to fine over ``levels`` resolutions.
 
+Three layers: :mod:`isl_core.transforms` (grids, warping, resampling, Jacobians, one-hot maps),
+:mod:`isl_core.losses` and :mod:`isl_core.lncc` (the terms above, one value per atlas), and this module
+(the objective of one pyramid level, the optimiser, the pyramid, chunking and warm starts).
+
 Why a hand-written loop (MONAI has the pieces, not the loop)
 -----------------------------------------------------------
 All N atlases are one batch: one resampling call, one LNCC call, one backward pass per step. The per-atlas
@@ -22,41 +26,42 @@ ones (``tests/test_register.py`` checks it to 1e-3 voxel). Averaging would only 
 Adam mostly undoes, but summing makes the independence exact and obvious.
 
 MONAI provides the reference for every piece, and the tests check each hand-written replacement against
-it: ``Warp`` (used for all outputs; inside the loop :func:`sampling_grid` builds the same grid straight from
-the low-resolution field), ``LocalNormalizedCrossCorrelationLoss`` (:class:`isl_core.lncc.FastLNCC`,
-``cfg.fast_lncc=False`` switches back), ``BendingEnergyLoss`` / ``DiffusionLoss`` (:func:`smoothness`), and
-``DiceLoss`` (used as is). Each replacement exists because the MONAI version dominated the iteration time.
-
-Displacement convention
------------------------
-A displacement ``ddf`` has shape (N, 3, H, W, D), **voxel units of the grid it lives on**, channel ``c``
-moving along spatial axis ``c`` (H, W, D): the warped image at voxel ``x`` is the moving image sampled at
-``x + ddf[:, :, x]``. This is exactly what ``monai.networks.blocks.Warp`` expects. Resampling a field to
-another grid therefore rescales its values by ``(new_size - 1) / (old_size - 1)`` per axis
-(``align_corners=True`` geometry, the one ``Warp`` uses).
+it: ``Warp`` (used for all outputs; inside the loop :func:`~isl_core.transforms.sampling_grid` builds the same
+grid straight from the low-resolution field), ``LocalNormalizedCrossCorrelationLoss``
+(:class:`isl_core.lncc.FastLNCC`, ``cfg.fast_lncc=False`` switches back), ``BendingEnergyLoss`` /
+``DiffusionLoss`` (:func:`~isl_core.losses.smoothness`), and ``DiceLoss`` (used as is). Each replacement exists
+because the MONAI version dominated the iteration time.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from monai.losses import DiceLoss, LocalNormalizedCrossCorrelationLoss
-from monai.networks.blocks import Warp
-from monai.networks.layers.convutils import gaussian_1d
+from monai.losses import LocalNormalizedCrossCorrelationLoss
 
 from isl_core.config import RegisterConfig
 from isl_core.lncc import FastLNCC, variance_floor_for
+from isl_core.losses import Smoothness, SoftDice, smoothness
 from isl_core.runtime import resolve_device
-
-Shape = tuple[int, int, int]
-SUPERVISIONS = ("intensity", "mask", "both")
-INITS = ("com", "affine", "none")
+from isl_core.transforms import (
+    Shape,
+    affine_coords,
+    affine_to_ddf,
+    centre_of_mass_affine,
+    folding_fraction,
+    jacobian_determinant,
+    resize_field,
+    resize_volume,
+    sample,
+    sampling_grid,
+    to_onehot,
+    warp,
+)
 
 
 @dataclass
@@ -73,221 +78,7 @@ class RegistrationResult:
     atlas_chunk: int = 0  # atlases per optimisation actually used (smaller than asked after running out of memory)
 
 
-# --------------------------------------------------------------------------------------------- warping
-
-_WARPS: dict[tuple[str, str, torch.device], Warp] = {}
-
-
-def warp(volume: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear",
-         padding_mode: str = "border") -> torch.Tensor:
-    """Resample ``volume`` (N, C, H, W, D) at ``x + displacement`` with ``monai.networks.blocks.Warp``.
-
-    ``bilinear`` is trilinear in 3-D. Border padding: anatomy that leaves the field of view is continued
-    by its edge instead of turning into zeros (which LNCC would read as a strong edge).
-    """
-    # One Warp per device too: Warp caches its reference grid and only checks the grid's shape.
-    key = (mode, padding_mode, volume.device)
-    if key not in _WARPS:
-        with warnings.catch_warnings():
-            # Without MONAI's compiled extension Warp warns at construction that it uses grid_sample;
-            # that is the intended path here, so the warning is noise.
-            warnings.simplefilter("ignore")
-            _WARPS[key] = Warp(mode=mode, padding_mode=padding_mode)
-    return _WARPS[key](volume, displacement.to(volume.dtype))
-
-
-def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
-    """det(I + grad u) of the map ``x -> x + u(x)``, (N, H, W, D); u in voxels, as :func:`warp` uses.
-
-    Central differences inside, one-sided at the borders (``torch.gradient``), so an affine field gives
-    its exact determinant everywhere. ``det <= 0`` means the map folds space there.
-    """
-    if displacement.ndim != 5 or displacement.shape[1] != 3:
-        raise ValueError(f"expected a (N, 3, H, W, D) displacement, got {tuple(displacement.shape)}")
-    grads = torch.gradient(displacement.float(), dim=(2, 3, 4))  # grads[j][:, i] = d u_i / d x_j
-    j = [[grads[col][:, row] + (1.0 if row == col else 0.0) for col in range(3)] for row in range(3)]
-    # The 3x3 determinant written out (cofactor expansion along the first row): element-wise, so it costs a
-    # few passes over the volume instead of a batched LU factorisation per voxel.
-    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
-
-
-def folding_fraction(displacement: torch.Tensor) -> torch.Tensor:
-    """(N,) share of voxels where the deformation folds (non-positive Jacobian determinant)."""
-    return (jacobian_determinant(displacement) <= 0).flatten(1).float().mean(1)
-
-
-# ------------------------------------------------------------------------------------ grids and fields
-
-
-def resize_field(ddf: torch.Tensor, size: Shape) -> torch.Tensor:
-    """Resample a displacement to another grid and convert its values to that grid's voxels."""
-    old = ddf.shape[2:]
-    if tuple(old) == tuple(size):
-        return ddf
-    out = F.interpolate(ddf, size=size, mode="trilinear", align_corners=True)
-    scale = torch.tensor([(s - 1) / max(o - 1, 1) for s, o in zip(size, old)], dtype=ddf.dtype, device=ddf.device)
-    return out * scale.view(1, 3, 1, 1, 1)
-
-
-def _smooth_axis(x: torch.Tensor, kernel: torch.Tensor, dim: int) -> torch.Tensor:
-    """1-D filtering along ``dim`` as a weighted sum of shifted copies (edge values replicated).
-
-    Deliberately not a convolution: convolution kernels may pick different algorithms, hence different
-    rounding, for different batch sizes. Shifted sums give every atlas bit-identical inputs whether it is
-    registered alone or in a batch, which the batched-equals-single guarantee relies on (Adam's nearly
-    sign-like steps would otherwise amplify 1e-8 differences into visible ones).
-    """
-    half = kernel.numel() // 2
-    n = x.shape[dim]
-    idx = torch.arange(-half, n + half, device=x.device).clamp(0, n - 1)
-    xp = x.index_select(dim, idx)
-    out = kernel[0] * xp.narrow(dim, 0, n)
-    for j in range(1, kernel.numel()):
-        out += kernel[j] * xp.narrow(dim, j, n)  # in place: same rounding as out + ..., one allocation fewer
-    return out
-
-
-def resize_volume(x: torch.Tensor, size: Shape) -> torch.Tensor:
-    """Resample images / soft labels to ``size``; Gaussian pre-smoothing when shrinking to limit aliasing."""
-    old = x.shape[2:]
-    if tuple(old) == tuple(size):
-        return x
-    # sigma = half the shrink factor (in input voxels) is the usual pyramid choice: it removes what the
-    # coarse grid cannot represent without blurring the organs away.
-    for axis, (o, s) in enumerate(zip(old, size)):
-        if s < o:
-            kernel = gaussian_1d(torch.tensor(0.5 * o / s), truncated=3.0).to(x.device, x.dtype)
-            x = _smooth_axis(x, kernel, axis + 2)
-    return F.interpolate(x, size=size, mode="trilinear", align_corners=True)
-
-
-def _normalised_grid(size: Shape, device: torch.device) -> torch.Tensor:
-    """(3, H, W, D) coordinates in [-1, 1] per axis (``align_corners=True``: voxel 0 -> -1, last -> +1)."""
-    axes = [torch.linspace(-1.0, 1.0, s, device=device) for s in size]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
-
-
-def affine_to_ddf(theta: torch.Tensor, size: Shape) -> torch.Tensor:
-    """Displacement (N, 3, *size), voxels, of affines ``theta`` (N, 3, 4) acting on normalised coordinates.
-
-    Affines are kept in normalised coordinates so the same parameters describe the alignment on every
-    pyramid level; only the conversion to voxels (``(size - 1) / 2``) depends on the grid.
-    """
-    half = torch.tensor([(s - 1) / 2 for s in size], device=theta.device).view(1, 3, 1, 1, 1)
-    return (affine_coords(theta, size) - _normalised_grid(size, theta.device)) * half
-
-
-def centre_of_mass_affine(fixed: torch.Tensor, moving: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Translations (N, 3, 4 affines) that superimpose the body centres of mass of moving and fixed.
-
-    The body is ``image > threshold``: a mask, not intensity weights, so a contrast change inside the body
-    (the domain shift ISL targets) does not move the centre.
-    """
-    size = fixed.shape[2:]
-    grid = _normalised_grid(size, fixed.device)
-
-    def com(img: torch.Tensor) -> torch.Tensor:
-        w = (img[:, 0] > threshold).float()
-        mass = w.flatten(1).sum(1).clamp_min(1.0)
-        return torch.einsum("nhwd,chwd->nc", w, grid) / mass[:, None]
-
-    theta = torch.eye(3, 4, device=fixed.device).repeat(moving.shape[0], 1, 1)
-    theta[:, :, 3] = com(moving) - com(fixed)
-    return theta
-
-
-# ------------------------------------------------------------------------------------------- objective
-
-
-def affine_coords(theta: torch.Tensor, size: Shape) -> torch.Tensor:
-    """Normalised coordinates (N, 3, *size) that the affines ``theta`` map the grid points to."""
-    grid = _normalised_grid(size, theta.device).reshape(3, -1)
-    mapped = theta[:, :, :3] @ grid + theta[:, :, 3:]
-    return mapped.reshape(theta.shape[0], 3, *size)
-
-
-@functools.lru_cache(maxsize=16)
-def _to_normalised(size: Shape, device: torch.device) -> torch.Tensor:
-    """(1, 3, 1, 1, 1) factors from voxels of a grid of ``size`` to normalised units (2 / (size - 1))."""
-    return torch.tensor([2.0 / max(s - 1, 1) for s in size], device=device).view(1, 3, 1, 1, 1)
-
-
-def sampling_grid(base_coords: torch.Tensor, field: torch.Tensor, size: Shape) -> torch.Tensor:
-    """The ``grid_sample`` grid (N, *size, 3) of ``affine + resize_field(field)``; ``base_coords`` from
-    :func:`affine_coords` on the field grid.
-
-    This is what ``Warp`` computes from a dense displacement, built directly from the low-resolution
-    parameters: the affine and the identity are linear in the coordinates, and trilinear interpolation
-    (``align_corners=True``) reproduces linear functions exactly, so the whole sampling map can be formed on
-    the small field grid and upsampled once. That skips materialising the dense voxel displacement, the
-    reference grid and ``Warp``'s per-axis normalisation: about ten full-size passes forward and as many
-    backward in every iteration. Upsampling in channels-last layout lands directly in the (N, *size, 3)
-    layout ``grid_sample`` reads. ``tests/test_register.py`` checks that the result equals ``Warp``'s.
-    """
-    coords = base_coords + field * _to_normalised(tuple(field.shape[2:]), field.device)
-    coords = coords.flip(1)  # grid_sample wants (x, y, z) = (D, W, H) order, the reverse of tensor axes
-    if tuple(size) != tuple(field.shape[2:]):
-        coords = coords.contiguous(memory_format=torch.channels_last_3d)
-        coords = F.interpolate(coords, size=size, mode="trilinear", align_corners=True)
-    return coords.permute(0, 2, 3, 4, 1)
-
-
-def sample(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Trilinear resampling with the same conventions as :func:`warp` (border padding, aligned corners)."""
-    return F.grid_sample(volume, grid.to(volume.dtype), mode="bilinear", padding_mode="border", align_corners=True)
-
-
-@functools.lru_cache(maxsize=16)
-def _stencils(device: torch.device, dtype: torch.dtype, bending: float, diffusion: float):
-    """(27, 1, 3, 3, 3) kernels for a grouped conv over the 3 components, and their (27,) energy weights.
-
-    Per component, nine finite-difference kernels, the exact stencils of MONAI's deformation losses:
-    d2/dH2, d2/dW2, d2/dD2 ([1, -2, 1]), the mixed d2/dHdW, d2/dHdD, d2/dWdD (4-point / 4), and the central
-    first derivatives d/dH, d/dW, d/dD ((x[i+1] - x[i-1]) / 2)."""
-    k = torch.zeros(9, 3, 3, 3)
-    for a in range(3):
-        idx = [1, 1, 1]
-        for off, w in ((0, 1.0), (1, -2.0), (2, 1.0)):
-            idx[a] = off
-            k[a][tuple(idx)] = w
-        idx = [1, 1, 1]
-        for off, w in ((0, -0.5), (2, 0.5)):
-            idx[a] = off
-            k[6 + a][tuple(idx)] = w
-    for c, (a, b) in enumerate(((0, 1), (0, 2), (1, 2))):
-        for oa, ob, w in ((2, 2, 1.0), (2, 0, -1.0), (0, 2, -1.0), (0, 0, 1.0)):
-            idx = [1, 1, 1]
-            idx[a], idx[b] = oa, ob
-            k[3 + c][tuple(idx)] = w / 4.0
-    b, g = bending, diffusion
-    weights = torch.tensor([b, b, b, 2 * b, 2 * b, 2 * b, g, g, g])
-    # Built once per (device, dtype, weights) and cached: constructing them element by element every step
-    # costs more small operations than the regulariser itself.
-    return k.unsqueeze(1).repeat(3, 1, 1, 1, 1).to(device, dtype), weights.repeat(3).to(device, dtype)
-
-
-def smoothness(field: torch.Tensor, bending_weight: float, diffusion_weight: float) -> torch.Tensor:
-    """Per-atlas ``bending_weight * BendingEnergyLoss + diffusion_weight * DiffusionLoss`` (MONAI's
-    definitions: mean over components and interior voxels), shape (N,).
-
-    Written as one ``conv3d`` with MONAI's stencils rather than calling MONAI's losses: those build every
-    finite difference from tensor slices, and the backward pass of each slice allocates and zero-fills a
-    field-sized tensor (about 80 per step); on CPU that was half of the whole registration time. The tests
-    check equality with ``monai.losses.BendingEnergyLoss`` / ``DiffusionLoss``.
-    """
-    n = field.shape[0]
-    kernels, w = _stencils(field.device, field.dtype, float(bending_weight), float(diffusion_weight))
-    # Grouped: each displacement component gets the nine stencils (27 output channels, 9 per component).
-    d = F.conv3d(field, kernels, groups=3)
-    # MONAI averages over components and interior voxels: the 9 stencils are summed, not averaged.
-    return (d * d * w.view(1, 27, 1, 1, 1)).reshape(n, 3, 9, -1).sum(2).reshape(n, -1).mean(1)
-
-
-def mask_grid_size(cfg: RegisterConfig, image_size: Shape, field_size: Shape | None) -> Shape:
-    """Where a level evaluates the soft Dice: the field grid (``cfg.mask_grid="field"``) or the image grid."""
-    return tuple(field_size) if (field_size and cfg.mask_grid == "field") else tuple(image_size)
+# ---------------------------------------------------------------------------------------------- the atlases
 
 
 def organ_maps(onehot: torch.Tensor, image_size: Shape, mask_size: Shape) -> torch.Tensor:
@@ -299,21 +90,43 @@ def organ_maps(onehot: torch.Tensor, image_size: Shape, mask_size: Shape) -> tor
                       for i in range(onehot.shape[0])])
 
 
-class AtlasOrgans:
-    """The organ maps of one set of atlas labels on each grid mask supervision compares them on, made once.
+class Atlases:
+    """The labelled training cases on the common grid: what registration deforms onto an inference image.
 
-    They depend on the labels and the grid only, not on the inference image, the mask M or the round, so every
-    mask-supervised registration of the same atlases (each ISL round and variant, each case of an experiment)
-    can share them (0.2 s per registration at the quick size on 2 CPU cores; more at paper size, where the coarse
-    levels smooth a 2.1 GB one-hot). Pass the same object, with the same label tensor, to every such
-    :func:`register_atlases` call; it holds only the small resampled maps (the field grid is 1/8 of the voxels).
+    ``images`` (N, 1, H, W, D) in [0, 1]; ``labels`` (N, H, W, D) integer maps or (N, C, H, W, D) one-hot.
+    It also keeps the atlases' organ maps as mask supervision compares them on each pyramid grid: they depend on
+    the labels and the grid only, not on the inference image, the mask M or the round, so every mask-supervised
+    registration of the same atlases (each ISL round and variant, each case of an experiment) shares them (0.2 s
+    per registration at the quick size on 2 CPU cores; more at paper size, where the coarse levels smooth a 2.1 GB
+    one-hot). Only the small resampled maps are kept (the field grid has 1/8 of the voxels).
     """
 
-    def __init__(self, labels: torch.Tensor) -> None:
-        self.labels = labels  # the tensor these maps belong to: register_atlases checks it by identity
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 spacing: tuple[float, float, float] | None = None) -> None:
+        self.images = torch.as_tensor(images).float()
+        self.labels = torch.as_tensor(labels)
+        self.spacing = None if spacing is None else tuple(float(v) for v in spacing)  # mm per voxel of the grid
+        if self.images.ndim != 5 or self.images.shape[1] != 1:
+            raise ValueError(f"atlas images must be (N, 1, H, W, D), got {tuple(self.images.shape)}")
+        if self.labels.shape[0] != self.images.shape[0] or self.labels.shape[-3:] != self.images.shape[2:]:
+            raise ValueError(f"atlas labels {tuple(self.labels.shape)} do not match the images "
+                             f"{tuple(self.images.shape)}")
         self._maps: dict[tuple, torch.Tensor] = {}
 
-    def at(self, onehot: torch.Tensor, atlases: slice, image_size: Shape, mask_size: Shape) -> torch.Tensor:
+    @classmethod
+    def from_cases(cls, cases: Sequence[dict[str, Any]], spacing: tuple[float, float, float] | None = None
+                   ) -> Atlases:
+        """Atlases from preprocessed labelled cases (``data.load_cases``) on a grid of ``spacing`` mm."""
+        if not cases or any("label" not in c for c in cases):
+            raise ValueError("atlases need at least one preprocessed case, each with a label")
+        images = torch.stack([torch.as_tensor(c["image"]).float() for c in cases])
+        labels = torch.stack([torch.as_tensor(c["label"])[0].long() for c in cases])
+        return cls(images, labels, spacing)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def organ_maps(self, onehot: torch.Tensor, atlases: slice, image_size: Shape, mask_size: Shape) -> torch.Tensor:
         """:func:`organ_maps` of ``onehot[atlases]`` (``onehot``: the one-hot of ``labels``), made on first use.
 
         Kept per batch of atlases, as registration chunks them: making the maps of all atlases at once could
@@ -325,6 +138,14 @@ class AtlasOrgans:
         return self._maps[key]
 
 
+# --------------------------------------------------------------------------------------------- the objective
+
+
+def mask_grid_size(cfg: RegisterConfig, image_size: Shape, field_size: Shape | None) -> Shape:
+    """Where a level evaluates the soft Dice: the field grid (``cfg.mask_grid="field"``) or the image grid."""
+    return tuple(field_size) if (field_size and cfg.mask_grid == "field") else tuple(image_size)
+
+
 class LevelObjective:
     """The registration loss on one pyramid level, per atlas: ``objective(field, base_coords) -> (N,)``.
 
@@ -334,16 +155,19 @@ class LevelObjective:
     on the image grid. Everything that does not change between steps (the fixed image's window statistics,
     the resampled organ maps and target) is prepared once here. ``moving_organs`` hands in the organ maps
     already resampled to the Dice grid (:func:`organ_maps`); otherwise they are made from ``moving_onehot``.
+    ``bending_scale`` multiplies the bending weight (:func:`bending_scale` keeps its stiffness in physical units).
     """
 
     def __init__(self, fixed: torch.Tensor, moving_images: torch.Tensor, moving_onehot: torch.Tensor | None,
                  target_mask: torch.Tensor | None, cfg: RegisterConfig, field_size: Shape | None = None,
-                 regularise: bool = True, moving_organs: torch.Tensor | None = None) -> None:
+                 regularise: bool = True, moving_organs: torch.Tensor | None = None, bending_scale: float = 1.0
+                 ) -> None:
         self.cfg = cfg
         self.use_image = cfg.supervision in ("intensity", "both")
         self.use_mask = cfg.supervision in ("mask", "both")
         self.size = tuple(fixed.shape[2:])
-        self.regularise = regularise and (cfg.bending_weight > 0 or cfg.diffusion_weight > 0)
+        regularise = regularise and (cfg.bending_weight > 0 or cfg.diffusion_weight > 0)
+        self.smoothness = Smoothness(cfg.bending_weight * bending_scale, cfg.diffusion_weight) if regularise else None
         # Where the soft Dice is evaluated. On the field grid (default) the organ one-hot (C - 1 channels,
         # the bulk of the work with many organs) is resampled at 1 / field_scale^3 of the voxels; the field
         # cannot express finer detail than its own grid anyway, so the gradient it receives hardly changes.
@@ -351,12 +175,10 @@ class LevelObjective:
         # On a shared grid, image and organs go through one grid_sample call (one pass over the grid).
         self.shared = self.use_image and self.use_mask and self.mask_size == self.size
         if self.use_mask:
-            # Organs only: background is most of the volume and would swamp the overlap terms.
             self.organs = (moving_organs if moving_organs is not None
                            else resize_volume(moving_onehot[:, 1:], self.mask_size))
             self.target = resize_volume(target_mask[:, 1:], self.mask_size)
-            # soft_label=True: M is a probability map, and this form of soft Dice is minimal at equality.
-            self.dice = DiceLoss(include_background=True, reduction="none", soft_label=True)
+            self.dice = SoftDice()
         if self.use_image:
             self.images = torch.cat([moving_images, self.organs], dim=1) if self.shared else moving_images
             smooth_dr = variance_floor_for(cfg.lncc_kernel, 3, cfg.lncc_var_floor)
@@ -382,10 +204,9 @@ class LevelObjective:
         if self.use_mask:
             if not self.shared:
                 organs = sample(self.organs, sampling_grid(base_coords, field, self.mask_size))
-            dice = self.dice(organs, self.target.expand_as(organs)).flatten(1).mean(1)
-            loss = loss + cfg.mask_weight * dice
-        if self.regularise and min(field.shape[2:]) > 2:
-            loss = loss + smoothness(field, cfg.bending_weight, cfg.diffusion_weight)
+            loss = loss + cfg.mask_weight * self.dice(organs, self.target)
+        if self.smoothness is not None and min(field.shape[2:]) > 2:
+            loss = loss + self.smoothness(field)
         return loss
 
 
@@ -408,7 +229,7 @@ def optimise(objective, params: torch.Tensor, iterations: int, lr: float) -> tup
     return params.detach(), history
 
 
-# ---------------------------------------------------------------------------------------- the pipeline
+# ---------------------------------------------------------------------------------------------- the pipeline
 
 
 def pyramid(size: Shape, cfg: RegisterConfig) -> list[tuple[Shape, Shape]]:
@@ -422,37 +243,34 @@ def pyramid(size: Shape, cfg: RegisterConfig) -> list[tuple[Shape, Shape]]:
     return levels
 
 
-def to_onehot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Integer maps (N, H, W, D) or one-hot (N, C, H, W, D) -> float one-hot (N, C, H, W, D)."""
-    if labels.ndim == 5:
-        if labels.shape[1] != num_classes:
-            raise ValueError(f"one-hot labels have {labels.shape[1]} channels, num_classes is {num_classes}")
-        return labels.float()
-    if labels.ndim != 4:
-        raise ValueError(f"labels must be (N, H, W, D) integers or (N, C, H, W, D) one-hot, got {tuple(labels.shape)}")
-    lab = labels.long()
-    if lab.min() < 0 or lab.max() >= num_classes:
-        raise ValueError(f"label values must lie in [0, {num_classes - 1}], found {lab.min()}..{lab.max()}")
-    # scatter_ into a float tensor: F.one_hot would first build an int64 copy twice the final size.
-    return torch.zeros(lab.shape[0], num_classes, *lab.shape[1:], device=lab.device).scatter_(1, lab[:, None], 1.0)
+def bending_scale(cfg: RegisterConfig, spacing: Sequence[float] | None, field_size: Shape, grid_size: Shape
+                  ) -> float:
+    """Factor on ``cfg.bending_weight`` for a field grid, so that its stiffness is the same in millimetres everywhere.
+
+    The bending energy of a field in voxel units equals ``h**2`` times that of the same displacement in
+    millimetres, for field voxels of ``h`` mm (the diffusion energy, a ratio of lengths, does not change). With
+    ``cfg.reference_spacing_mm = r > 0`` the weight is multiplied by ``(r / h)**2``: it acts as given on a field
+    grid of ``r`` mm and equally stiff on any other (pyramid level, profile). ``h`` is the geometric mean of the
+    field voxel's sides. ``r = 0`` keeps the per-voxel weights.
+    """
+    if cfg.reference_spacing_mm <= 0:
+        return 1.0
+    if spacing is None:
+        raise ValueError("register.reference_spacing_mm > 0 needs the grid spacing: make the atlases with "
+                         "Atlases(..., spacing=profile.data.spacing) or Atlases.from_cases(cases, spacing)")
+    # align_corners geometry: the grid's extent, (size - 1) voxels, spans (field - 1) field voxels
+    sides = [sp * (g - 1) / max(f - 1, 1) for sp, g, f in zip(spacing, grid_size, field_size)]
+    h = (sides[0] * sides[1] * sides[2]) ** (1 / 3)
+    return (cfg.reference_spacing_mm / h) ** 2
 
 
-def _check_inputs(fixed, moving, labels, cfg, num_classes, target_mask) -> None:
-    if cfg.supervision not in SUPERVISIONS:
-        raise ValueError(f"supervision must be one of {SUPERVISIONS}, got {cfg.supervision!r}")
-    if cfg.mask_grid not in ("field", "image"):
-        raise ValueError(f"mask_grid must be 'field' or 'image', got {cfg.mask_grid!r}")
-    if cfg.init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {cfg.init!r}")
-    if cfg.warm_start_iterations < 0:
-        raise ValueError(f"warm_start_iterations must be >= 0, got {cfg.warm_start_iterations}")
+def _check_inputs(fixed, atlases: Atlases, cfg: RegisterConfig, num_classes: int, target_mask) -> None:
+    moving = atlases.images
     if fixed.ndim != 5 or fixed.shape[:2] != (1, 1):
         raise ValueError(f"fixed image must be (1, 1, H, W, D), got {tuple(fixed.shape)}")
-    if moving.ndim != 5 or moving.shape[1] != 1 or moving.shape[2:] != fixed.shape[2:]:
+    if moving.shape[2:] != fixed.shape[2:]:
         raise ValueError(f"moving images must be (N, 1, {', '.join(map(str, fixed.shape[2:]))}), "
                          f"got {tuple(moving.shape)}; resample atlases onto the fixed grid first")
-    if labels.shape[0] != moving.shape[0] or labels.shape[-3:] != fixed.shape[2:]:
-        raise ValueError(f"moving labels {tuple(labels.shape)} do not match moving images {tuple(moving.shape)}")
     if cfg.supervision != "intensity":
         if target_mask is None:
             raise ValueError(f"supervision={cfg.supervision!r} needs target_mask (1, C, H, W, D) probabilities")
@@ -465,7 +283,8 @@ def _check_inputs(fixed, moving, labels, cfg, num_classes, target_mask) -> None:
 
 
 def _register_chunk(fixed, moving, organs: Callable[[Shape, Shape], torch.Tensor], target, cfg: RegisterConfig,
-                    init_ddf: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+                    init_ddf: torch.Tensor | None = None, spacing: Sequence[float] | None = None
+                    ) -> tuple[torch.Tensor, list]:
     """Full-resolution displacement (N, 3, H, W, D) for one batch of atlases, plus the loss history.
 
     ``organs(image_size, mask_size)`` gives this batch's organ maps as a level compares them (mask supervision).
@@ -478,9 +297,11 @@ def _register_chunk(fixed, moving, organs: Callable[[Shape, Shape], torch.Tensor
 
     def objective_at(img_size, fld_size=None, regularise=True):
         given = organs(img_size, mask_grid_size(cfg, img_size, fld_size)) if mask_supervised else None
+        scale = bending_scale(cfg, spacing, fld_size, size) if fld_size else 1.0
         return LevelObjective(resize_volume(fixed, img_size), resize_volume(moving, img_size), None,
                               resize_volume(target, img_size) if target is not None else None,
-                              cfg, field_size=fld_size, regularise=regularise, moving_organs=given)
+                              cfg, field_size=fld_size, regularise=regularise, moving_organs=given,
+                              bending_scale=scale)
 
     theta = torch.eye(3, 4, device=fixed.device).repeat(n, 1, 1)
     if cfg.init in ("com", "affine"):
@@ -510,52 +331,36 @@ def _register_chunk(fixed, moving, organs: Callable[[Shape, Shape], torch.Tensor
     return ddf, history
 
 
-def register_atlases(fixed_image: torch.Tensor, moving_images: torch.Tensor, moving_labels: torch.Tensor,
-                     cfg: RegisterConfig, num_classes: int, target_mask: torch.Tensor | None = None,
-                     device: str | torch.device = "auto", generator_seed: int | None = None,
-                     init_displacement: torch.Tensor | None = None,
-                     organs: AtlasOrgans | None = None) -> RegistrationResult:
-    """Register N atlases onto one fixed image in one batched optimisation.
+def register_atlases(fixed_image: torch.Tensor, atlases: Atlases, cfg: RegisterConfig, num_classes: int,
+                     target_mask: torch.Tensor | None = None, init_displacement: torch.Tensor | None = None,
+                     device: str | torch.device = "auto") -> RegistrationResult:
+    """Register every atlas onto one fixed image in one batched optimisation.
 
     Args:
         fixed_image: (1, 1, H, W, D) in [0, 1], the inference image.
-        moving_images: (N, 1, H, W, D) atlases on the same grid (preprocessing resamples them there).
-        moving_labels: (N, H, W, D) integer maps or (N, C, H, W, D) one-hot.
+        atlases: the training cases on the same grid (preprocessing resamples them there); their organ maps
+            are resampled once and kept in ``atlases`` for every later mask-supervised registration.
         cfg: see :class:`isl_core.config.RegisterConfig`; ``cfg.supervision`` picks the loss.
         num_classes: C, background included.
         target_mask: (1, C, H, W, D) probabilities M for ``mask`` / ``both`` supervision.
-        device: ``auto`` | ``cpu`` | ``cuda`` ...; results stay on it.
-        generator_seed: the optimisation draws no random numbers (zero initial field, deterministic
-            initial alignment), so this only seeds torch inside a forked RNG state for forward
-            compatibility with stochastic variants; the caller's RNG is never disturbed.
         init_displacement: (N, 3, H, W, D) a previous registration's ``displacement`` to start from; only the
             finest level then runs, for ``cfg.warm_start_iterations`` steps (a later ISL round).
-        organs: an :class:`AtlasOrgans` made for ``moving_labels`` (this very tensor), kept by the caller to
-            share the resampled organ maps between mask-supervised registrations of the same atlases.
+        device: ``auto`` | ``cpu`` | ``cuda`` ...; results stay on it.
     """
-    if organs is not None and organs.labels is not moving_labels:
-        raise ValueError("organs= was made for another label tensor; make one AtlasOrgans per set of atlas labels "
-                         "and pass that same tensor as moving_labels")
-    organs = organs if organs is not None else AtlasOrgans(moving_labels)  # for this call only
-    # MONAI MetaTensors carry metadata through every operation, which costs time in a hot loop and means
-    # nothing for tensors on a common grid: work on plain tensors.
-    plain = [None if t is None else torch.as_tensor(t).as_subclass(torch.Tensor)
-             for t in (fixed_image, moving_images, moving_labels, target_mask)]
-    fixed_image, moving_images, moving_labels, target_mask = plain
-    _check_inputs(fixed_image, moving_images, moving_labels, cfg, num_classes, target_mask)
+    if not isinstance(atlases, Atlases):
+        raise TypeError(f"atlases must be an isl_core.register.Atlases, got {type(atlases).__name__}")
+    fixed_image = torch.as_tensor(fixed_image)
+    _check_inputs(fixed_image, atlases, cfg, num_classes, target_mask)
     dev = resolve_device(device)
     t0 = time.perf_counter()
     fixed = fixed_image.to(dev, torch.float32)
-    moving = moving_images.to(dev, torch.float32)
-    onehot = to_onehot(moving_labels.to(dev), num_classes)
-    target = target_mask.to(dev, torch.float32) if target_mask is not None and cfg.supervision != "intensity" else None
+    moving = atlases.images.to(dev, torch.float32)
+    onehot = to_onehot(atlases.labels.to(dev), num_classes)
+    target = torch.as_tensor(target_mask).to(dev, torch.float32) if cfg.supervision != "intensity" else None
     n = moving.shape[0]
     chunk = cfg.atlas_chunk if cfg.atlas_chunk > 0 else n  # chunks bound memory; each atlas is independent
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        if generator_seed is not None:
-            torch.manual_seed(generator_seed)
-        ddf, histories, chunk = _register_in_chunks(fixed, moving, onehot, target, cfg, init_displacement, chunk,
-                                                    organs)
+    ddf, histories, chunk = _register_in_chunks(fixed, moving, onehot, target, cfg, init_displacement, chunk,
+                                                atlases)
     # Histories of chunks are added step by step so the curve always means "sum over all atlases".
     steps = min((h.numel() for h in histories), default=0)
     history = sum(h[:steps] for h in histories).tolist() if steps else []
@@ -576,7 +381,7 @@ def register_atlases(fixed_image: torch.Tensor, moving_images: torch.Tensor, mov
 
 
 def _register_in_chunks(fixed, moving, onehot, target, cfg: RegisterConfig, init: torch.Tensor | None, chunk: int,
-                        organs: AtlasOrgans) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+                        atlases: Atlases) -> tuple[torch.Tensor, list[torch.Tensor], int]:
     """Displacements of all atlases, ``chunk`` at a time; the chunk is halved whenever the device runs out of memory.
 
     Atlases are registered independently (the loss is a sum over atlases, and every operation is per atlas),
@@ -589,8 +394,10 @@ def _register_in_chunks(fixed, moving, onehot, target, cfg: RegisterConfig, init
         sl = slice(start, start + chunk)
         try:
             ddf, hist = _register_chunk(fixed, moving[sl],
-                                        lambda img_size, mask_size, sl=sl: organs.at(onehot, sl, img_size, mask_size),
-                                        target, cfg, None if init is None else init[sl].to(dev, torch.float32))
+                                        lambda img_size, mask_size, sl=sl: atlases.organ_maps(onehot, sl, img_size,
+                                                                                              mask_size),
+                                        target, cfg, None if init is None else init[sl].to(dev, torch.float32),
+                                        atlases.spacing)
         except torch.OutOfMemoryError:
             if chunk == 1:
                 raise
@@ -607,8 +414,9 @@ def _register_in_chunks(fixed, moving, onehot, target, cfg: RegisterConfig, init
 
 
 __all__ = [
-    "RegistrationResult", "register_atlases", "warp", "jacobian_determinant", "folding_fraction", "resize_field",
-    "resize_volume", "affine_to_ddf", "affine_coords", "centre_of_mass_affine", "sampling_grid", "sample",
-    "smoothness", "LevelObjective", "optimise", "pyramid", "to_onehot", "AtlasOrgans", "organ_maps", "mask_grid_size",
-    "FastLNCC",
+    "RegistrationResult", "Atlases", "register_atlases", "organ_maps", "mask_grid_size", "LevelObjective",
+    "optimise", "pyramid",
+    # the lower layers, re-exported for convenience (their home: isl_core.transforms, isl_core.losses)
+    "warp", "jacobian_determinant", "folding_fraction", "resize_field", "resize_volume", "affine_to_ddf",
+    "affine_coords", "centre_of_mass_affine", "sampling_grid", "sample", "smoothness", "to_onehot", "FastLNCC",
 ]

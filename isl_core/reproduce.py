@@ -8,23 +8,41 @@ records each one's status and run time.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
 
 from isl_core.runtime import write_text
 
+#: The numbered notebooks of a checkout (an editable install: ``pip install -e .`` or ``make setup``).
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-def notebooks(only: list[str] | None = None) -> list[Path]:
-    found = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+def notebook_dir() -> Path:
+    """Where the numbered notebooks are: ``$ISL_NOTEBOOKS`` if set, else the ``notebooks/`` of the checkout.
+
+    The notebooks are course material that users open and edit, so they live in the repository, not inside the
+    installed package; a non-editable install (``pip install isl-kit``) runs them from a clone's ``notebooks/``
+    named by ``--notebooks DIR`` or ``$ISL_NOTEBOOKS``.
+    """
+    return Path(os.environ["ISL_NOTEBOOKS"]).expanduser() if os.environ.get("ISL_NOTEBOOKS") else NOTEBOOK_DIR
+
+
+def notebooks(only: list[str] | None = None, folder: str | Path | None = None) -> list[Path]:
+    """The numbered notebooks ``NN_*.ipynb`` of ``folder`` (default: :func:`notebook_dir`), or those in ``only``."""
+    folder = Path(folder) if folder is not None else notebook_dir()
+    found = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
     if not found:
-        raise FileNotFoundError(f"{NOTEBOOK_DIR}: no numbered notebooks; run from a checkout of isl-kit")
+        raise FileNotFoundError(f"{folder}: no numbered notebooks (NN_*.ipynb) there; they ship with the isl-kit "
+                                "repository, not the installed package: pass --notebooks DIR (a clone's notebooks/) "
+                                "or set ISL_NOTEBOOKS")
     if only:
+        unknown = sorted(set(only) - {p.name[:2] for p in found})
+        if unknown:
+            raise FileNotFoundError(f"{folder}: no notebook numbered {', '.join(unknown)}; there are "
+                                    f"{', '.join(p.name[:2] for p in found)}")
         found = [p for p in found if p.name[:2] in only]
-        if not found:
-            raise FileNotFoundError(f"{NOTEBOOK_DIR}: no notebook numbered {', '.join(only)}")
     return found
 
 
@@ -44,7 +62,7 @@ def _index(out: Path, rows: list[tuple[str, str, float, str]], profile: str) -> 
 
 def run_notebooks(out: str | Path = "outputs/reproduce", profile: str = "quick", data: str | Path | None = None,
                   device: str = "auto", seed: int = 0, only: list[str] | None = None,
-                  kernel_name: str = "python3") -> int:
+                  kernel_name: str = "python3", notebook_folder: str | Path | None = None) -> int:
     """Execute the notebooks; returns 0 when all ran, 1 when one failed (the run stops there)."""
     import papermill as pm
 
@@ -52,7 +70,7 @@ def run_notebooks(out: str | Path = "outputs/reproduce", profile: str = "quick",
     from isl_core.phantoms import cohort_for_profile, write_cohort
 
     out = Path(out).resolve()
-    todo = notebooks(only)
+    todo = notebooks(only, notebook_folder)
     if data is None:
         data = write_cohort(out / "data", cohort_for_profile(profile, seed))
     load_dataset(data)  # a bad dataset stops here, before any notebook runs
@@ -66,7 +84,7 @@ def run_notebooks(out: str | Path = "outputs/reproduce", profile: str = "quick",
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(str(nb), str(target), parameters=params, kernel_name=kernel_name,
-                                cwd=str(NOTEBOOK_DIR), progress_bar=False)
+                                cwd=str(nb.parent), progress_bar=False)
         except pm.PapermillExecutionError as e:
             rows.append((nb.name, f"failed (cell {e.exec_count}: {e.ename})", time.perf_counter() - t0,
                          f"notebooks/{nb.name}"))

@@ -1,10 +1,12 @@
 """The ISL loop with stubbed stages: the moving-average sequence equals the formula; f0 stays untouched."""
 
+import pytest
 import torch
 
 from isl_core import refine
+from isl_core.appearance import atlas_consensus
 from isl_core.config import get_profile
-from isl_core.register import RegistrationResult
+from isl_core.register import Atlases, RegistrationResult
 
 C, S, N = 3, (8, 8, 8), 2
 
@@ -27,9 +29,8 @@ def _stub_stages(monkeypatch, predictions):
 
     preds_iter = predictions.__getitem__
 
-    def fake_register(x, imgs, labs, cfg, num_classes, target_mask=None, device="auto", init_displacement=None,
-                      organs=None):
-        assert organs is not None and organs.labels is labs  # one AtlasOrgans per atlas set, for every registration
+    def fake_register(x, atlases, cfg, num_classes, target_mask=None, init_displacement=None, device="auto"):
+        assert isinstance(atlases, Atlases)
         calls["register"].append((cfg.supervision, None if target_mask is None else target_mask.clone()))
         calls.setdefault("warm", []).append(init_displacement is not None)
         return RegistrationResult(torch.zeros(N, 3, *S), torch.zeros(N, 1, *S), torch.zeros(N, C, *S),
@@ -61,8 +62,8 @@ def _run(monkeypatch, ema, supervision="mask", **kw):
     calls = _stub_stages(monkeypatch, preds)
     net0 = _Net()
     p = _profile(**kw)
-    res = refine.adapt(net0, torch.rand(1, *S), torch.rand(N, 1, *S), torch.zeros(N, *S, dtype=torch.long), p, C,
-                       supervision=supervision, ema=ema, device="cpu")
+    atlases = Atlases(torch.rand(N, 1, *S), torch.zeros(N, *S, dtype=torch.long))
+    res = refine.adapt(net0, torch.rand(1, *S), atlases, p, C, supervision=supervision, ema=ema, device="cpu")
     return res, preds, calls, net0, p
 
 
@@ -113,87 +114,48 @@ def test_update_schedule():
     assert refine._update_steps(9, 3) == {3, 6, 9}
 
 
-def _tiny_real_setup(guide="atlases"):
-    """A real tiny network and real registrations: sharing must hold for the actual computations."""
-    from isl_core.segment import build_network
-
-    torch.manual_seed(0)
-    p = _profile(rounds=2, steps=4, every=2, mask_from_round=2)
-    p.refine.appearance_guide = guide
-    p.segment.channels, p.segment.strides, p.segment.patch_size = (4, 8), (2,), (16, 16, 16)
-    p.register.iterations, p.register.levels, p.register.warm_start_iterations = 3, 1, 2
-    size = (16, 16, 16)
-    net0 = build_network(p.segment, C)
-    x = torch.rand(1, *size)
-    images, labels = torch.rand(N, 1, *size), torch.randint(0, C, (N, *size))
-    malf_like = torch.softmax(torch.randn(C, *size), 0)
-    variants = {"intensity": refine.Variant("intensity", False, 0.6),
-                "intensity-ema": refine.Variant("intensity", True, 0.6),
-                "both": refine.Variant("both", False, 0.6), "both-ema": refine.Variant("both", True, 0.6),
-                "both-ema-init": refine.Variant("both", True, 0.6, malf_like)}
-    return p, net0, x, images, labels, variants
-
-
-def _counting(monkeypatch):
-    counts = {"steps": 0, "registrations": 0}
-    step, register = refine.train_step, refine.register_atlases
-
-    def counted_step(*a, **k):
-        counts["steps"] += 1
-        return step(*a, **k)
-
-    def counted_register(*a, **k):
-        counts["registrations"] += 1
-        return register(*a, **k)
-
-    monkeypatch.setattr(refine, "train_step", counted_step)
-    monkeypatch.setattr(refine, "register_atlases", counted_register)
-    return counts
-
-
-def test_variants_run_together_get_what_each_computes_alone(monkeypatch):
-    p, net0, x, images, labels, variants = _tiny_real_setup()
-    counts = _counting(monkeypatch)
-    together = refine.adapt_variants(net0, x, images, labels, p, C, variants, device="cpu", seed=3)
-    # round 1 (intensity alignment for all): one registration, one fine-tuning run for all five variants;
-    # round 2: the intensity variants share one run, the three mask-following variants register and run apiece
-    assert counts == {"steps": 5 * 4, "registrations": 1 + 3}
-    # each variant is charged what it would cost alone: the intensity alignment reused in round 2 costs once
-    seconds = [r.seconds["registration"] for r in together["intensity"].rounds]
-    assert seconds[0] > 0 and seconds[1] == 0 and together["both"].rounds[1].seconds["registration"] > 0
-    counts.update(steps=0, registrations=0)
-    for name, v in variants.items():
-        alone = refine.adapt(net0, x, images, labels, p, C, supervision=v.supervision, ema=v.ema, beta=v.beta,
-                             initial_mask=v.initial_mask, device="cpu", seed=3)
-        got = together[name]
-        assert len(alone.mask_updates) == len(got.mask_updates) == (5 if v.ema else 3)
-        for a, b in zip(alone.mask_updates, got.mask_updates):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(alone.final_probs, got.final_probs, atol=1e-5, rtol=1e-4)
-        assert [r.finetune_losses for r in alone.rounds] == [r.finetune_losses for r in got.rounds]
-    assert counts == {"steps": 10 * 4, "registrations": 2 * 1 + 3 * 2}  # alone, nothing is shared
-
-
-def test_a_mask_guided_appearance_keeps_variants_with_other_masks_apart(monkeypatch):
-    # with the appearance read under M, the variant that starts from another M0 fine-tunes on other images
-    p, net0, x, images, labels, variants = _tiny_real_setup(guide="mask")
-    counts = _counting(monkeypatch)
-    refine.adapt_variants(net0, x, images, labels, p, C, {k: variants[k] for k in ("both-ema", "both-ema-init")},
-                          device="cpu", seed=3)
-    assert counts == {"steps": 4 * 4, "registrations": 1 + 2}
-
-
-def test_history_can_be_dropped_without_changing_the_result():
-    p, net0, x, images, labels, variants = _tiny_real_setup()
-    kept = refine.adapt_variants(net0, x, images, labels, p, C, {"v": variants["both-ema"]}, device="cpu", seed=3)
-    lean = refine.adapt_variants(net0, x, images, labels, p, C, {"v": variants["both-ema"]}, keep_history=False,
-                                 device="cpu", seed=3)
-    assert lean["v"].mask_updates == [] and lean["v"].rounds[0].mask is None
-    torch.testing.assert_close(kept["v"].final_probs, lean["v"].final_probs)
-
-
 def test_atlas_consensus_marks_where_most_atlases_agree():
     labels = torch.tensor([[0, 1, 1, 2], [0, 1, 2, 2], [1, 1, 2, 2]])  # 3 atlases, 4 voxels
     onehot = torch.nn.functional.one_hot(labels, 3).permute(0, 2, 1).float()  # (N, C, voxels)
-    guide = refine.atlas_consensus(onehot)
+    guide = atlas_consensus(onehot)
     assert guide.tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]]
+
+
+def test_round_registration_follows_the_mask_from_its_round():
+    p = _profile(mask_from_round=2)
+    assert refine.round_registration(p, "both", 1).supervision == "intensity"
+    assert refine.round_registration(p, "both", 2).supervision == "both"
+    assert refine.round_registration(p, "intensity", 3).supervision == "intensity"
+    assert p.register.supervision == "intensity"  # the profile itself is not changed
+
+
+def test_augmentation_ranges_come_from_the_settings():
+    from isl_core.appearance import augment
+
+    p = get_profile("ci")
+    x = torch.full((64, 1, 2, 2, 2), 0.5)
+    p.refine.augment_noise = 0.0
+    p.refine.augment_gamma, p.refine.augment_scale, p.refine.augment_shift = (1.0, 1.0), (2.0, 2.0), 0.0
+    torch.testing.assert_close(augment(x, torch.Generator().manual_seed(0), p.refine), torch.ones_like(x))
+    p.refine.augment_scale, p.refine.augment_shift = (1.0, 1.0), 0.1
+    out = augment(x, torch.Generator().manual_seed(0), p.refine)
+    assert float(out.min()) >= 0.4 - 1e-6 and float(out.max()) <= 0.6 + 1e-6 and float(out.std()) > 0.02
+
+
+def test_a_typo_in_a_refine_setting_is_refused():
+    with pytest.raises(ValueError, match="RefineConfig.appearance"):
+        get_profile("ci").refine.appearance = "mtach"
+
+
+def test_foreground_patches_find_a_small_organ():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.zeros(40, 1, 64, 64, 64, dtype=torch.long)
+    labels[:, :, 50:54, 8:12, 30:34] = 1  # a small organ far from the centre
+    images = torch.rand(40, 1, 64, 64, 64)
+    _, uniform = refine.random_patches(images, labels, (16, 16, 16), gen, foreground=0.0)
+    x, balanced = refine.random_patches(images, labels, (16, 16, 16), gen, foreground=1.0)
+    assert x.shape == (40, 1, 16, 16, 16) and balanced.shape == (40, 1, 16, 16, 16)
+    assert bool((balanced > 0).flatten(1).any(1).all())  # every balanced patch holds the organ
+    assert float((uniform > 0).flatten(1).any(1).float().mean()) < 0.3
+    whole = refine.random_patches(images, labels, (64, 64, 64), gen, foreground=1.0)
+    assert whole[0] is images  # a patch as large as the grid is the whole volume, with no random draw

@@ -17,7 +17,7 @@ from monai.losses import BendingEnergyLoss, DiffusionLoss, LocalNormalizedCrossC
 from isl_core.config import RegisterConfig
 from isl_core.lncc import FastLNCC, box_sum_cumsum, box_sum_pool
 from isl_core.register import (
-    AtlasOrgans,
+    Atlases,
     affine_coords,
     affine_to_ddf,
     folding_fraction,
@@ -81,7 +81,7 @@ def test_recovers_known_deformation():
     moving, moving_labels = phantom(size)
     fixed, fixed_labels = deform(*phantom(size, seed=1), smooth_field(size, 4.0, seed=1))
     before = mean_dice(moving_labels, fixed_labels)
-    result = register_atlases(fixed, moving, moving_labels, RegisterConfig(iterations=30, levels=2),
+    result = register_atlases(fixed, Atlases(moving, moving_labels), RegisterConfig(iterations=30, levels=2),
                               NUM_CLASSES, device="cpu")
     after = mean_dice(result.warped_labels, fixed_labels)
     assert after >= 0.85
@@ -93,7 +93,8 @@ def test_recovers_known_deformation():
     assert len(result.loss_history) == 60 and result.seconds > 0
     # Registering on a half-resolution grid (the GPU profile's setting) still recovers the deformation,
     # and its displacement comes back on the input grid.
-    half = register_atlases(fixed, moving, moving_labels, RegisterConfig(iterations=30, levels=2, image_scale=0.5),
+    half = register_atlases(fixed, Atlases(moving, moving_labels),
+                            RegisterConfig(iterations=30, levels=2, image_scale=0.5),
                             NUM_CLASSES, device="cpu")
     assert half.displacement.shape == (1, 3, *size)
     assert mean_dice(half.warped_labels, fixed_labels) >= 0.85
@@ -109,7 +110,8 @@ def test_mask_supervision_beats_intensity_under_domain_shift():
     scores = {}
     for mode in ("intensity", "mask", "both"):
         cfg = RegisterConfig(supervision=mode, iterations=30, levels=2)
-        result = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, target_mask=target, device="cpu")
+        result = register_atlases(fixed, Atlases(moving, moving_labels),
+                                  cfg, NUM_CLASSES, target_mask=target, device="cpu")
         scores[mode] = mean_dice(result.warped_labels, fixed_labels)
     assert scores["mask"] > scores["intensity"] + 0.03
     assert scores["mask"] > 0.9
@@ -122,18 +124,19 @@ def test_warm_start_continues_from_the_previous_alignment():
     shifted, _ = phantom(size, intensities=(0.3, 0.3, 0.15, 0.45), seed=5)
     fixed, fixed_labels = deform(shifted, moving_labels, smooth_field(size, 4.0, seed=3))
     target = to_onehot(fixed_labels, NUM_CLASSES)
-    first = register_atlases(fixed, moving, moving_labels, RegisterConfig(iterations=30, levels=2), NUM_CLASSES,
+    first = register_atlases(fixed, Atlases(moving, moving_labels),
+                             RegisterConfig(iterations=30, levels=2), NUM_CLASSES,
                              device="cpu")
     # zero steps from a previous alignment give it back (up to resampling the field to its grid and back)
     cfg = RegisterConfig(supervision="both", iterations=30, levels=2, warm_start_iterations=0)
-    same = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, target_mask=target, device="cpu",
+    same = register_atlases(fixed, Atlases(moving, moving_labels), cfg, NUM_CLASSES, target_mask=target, device="cpu",
                             init_displacement=first.displacement)
     gap = (same.displacement - first.displacement).abs()
     assert gap.mean() < 0.05 and gap.max() < 0.5  # voxels
     assert same.loss_history == []
     # a few mask-supervised steps from there improve on the intensity alignment, at a fraction of the steps
     cfg.warm_start_iterations = 15
-    warm = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, target_mask=target, device="cpu",
+    warm = register_atlases(fixed, Atlases(moving, moving_labels), cfg, NUM_CLASSES, target_mask=target, device="cpu",
                             init_displacement=first.displacement)
     assert len(warm.loss_history) == 15
     assert mean_dice(warm.warped_labels, fixed_labels) > mean_dice(first.warped_labels, fixed_labels) + 0.02
@@ -147,14 +150,16 @@ def test_batched_equals_single_registrations():
     moving, moving_labels = deform(fixed.repeat(3, 1, 1, 1, 1), fixed_labels.repeat(3, 1, 1, 1), ddf)
     cfg = RegisterConfig(supervision="both", iterations=15, levels=2, mask_grid="image")
     target = to_onehot(fixed_labels, NUM_CLASSES)
-    batched = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, target_mask=target, device="cpu")
+    batched = register_atlases(fixed, Atlases(moving, moving_labels),
+                               cfg, NUM_CLASSES, target_mask=target, device="cpu")
     # atlas_chunk=1 registers the atlases one at a time: three single registrations.
     cfg.atlas_chunk = 1
-    single = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, target_mask=target, device="cpu")
+    single = register_atlases(fixed, Atlases(moving, moving_labels), cfg, NUM_CLASSES, target_mask=target, device="cpu")
     assert single.displacement.flatten(1).abs().amax(1).min() > 0.5  # every atlas moved
     torch.testing.assert_close(single.displacement, batched.displacement, atol=1e-3, rtol=0)
     assert len(single.loss_history) == len(batched.loss_history) == 30
-    alone = register_atlases(fixed, moving[2:], moving_labels[2:], cfg, NUM_CLASSES, target_mask=target, device="cpu")
+    alone = register_atlases(fixed, Atlases(moving[2:], moving_labels[2:]),
+                             cfg, NUM_CLASSES, target_mask=target, device="cpu")
     torch.testing.assert_close(alone.displacement[0], batched.displacement[2], atol=1e-3, rtol=0)
 
 
@@ -169,33 +174,31 @@ def test_shared_organ_maps_change_no_bit(monkeypatch):
     made = []
     real = reg.organ_maps
     monkeypatch.setattr(reg, "organ_maps", lambda *a: made.append(a[1:]) or real(*a))
-    organs = AtlasOrgans(moving_labels)
-    first = register_atlases(fixed, moving, moving_labels, RegisterConfig(iterations=5, levels=2), NUM_CLASSES,
+    shared_atlases = Atlases(moving, moving_labels)
+    first = register_atlases(fixed, Atlases(moving, moving_labels), RegisterConfig(iterations=5, levels=2), NUM_CLASSES,
                              device="cpu")
     settings = {  # affine stage (Dice on the image grid), two levels in chunks of 2, a warm start
         "affine": (RegisterConfig(supervision="both", iterations=4, levels=2, init="affine", affine_iterations=3,
                                   atlas_chunk=2), None),
         "warm": (RegisterConfig(supervision="mask", warm_start_iterations=4), first.displacement)}
     for cfg, init in settings.values():
-        alone = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, target_mask=target, device="cpu",
+        alone = register_atlases(fixed, Atlases(moving, moving_labels),
+                                 cfg, NUM_CLASSES, target_mask=target, device="cpu",
                                  init_displacement=init)
         counts = []
         for _ in range(2):  # the first call makes the maps, the second reuses them
-            shared = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, target_mask=target,
-                                      device="cpu", init_displacement=init, organs=organs)
+            shared = register_atlases(fixed, shared_atlases, cfg, NUM_CLASSES, target_mask=target,
+                                      device="cpu", init_displacement=init)
             counts.append(len(made))
             assert torch.equal(shared.displacement, alone.displacement)
             assert torch.equal(shared.warped_labels, alone.warped_labels)
         assert counts[1] == counts[0]
     # kept: affine stage and 2 levels for each of 2 chunks, then the warm start's finest level for all atlases
-    assert len(organ_keys := organs._maps) == 3 * 2 + 1, organ_keys.keys()
+    assert len(organ_keys := shared_atlases._maps) == 3 * 2 + 1, organ_keys.keys()
     # made atlas by atlas (memory), they are the bits a batch gives
     onehot = to_onehot(moving_labels, NUM_CLASSES)
     torch.testing.assert_close(reg.organ_maps(onehot, (24, 24, 24), (12, 12, 12)),
                                resize_volume(resize_volume(onehot, (24, 24, 24))[:, 1:], (12, 12, 12)), atol=0, rtol=0)
-    with pytest.raises(ValueError, match="another label tensor"):
-        register_atlases(fixed, moving, moving_labels.clone(), cfg, NUM_CLASSES, target_mask=target, device="cpu",
-                         init_displacement=init, organs=organs)
 
 
 def test_running_out_of_memory_halves_the_atlas_chunk(monkeypatch):
@@ -217,16 +220,16 @@ def test_running_out_of_memory_halves_the_atlas_chunk(monkeypatch):
 
     monkeypatch.setattr(reg, "_register_chunk", small_device)
     with pytest.warns(UserWarning, match="retrying with 2 atlases"):
-        auto = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, device="cpu")
+        auto = register_atlases(fixed, Atlases(moving, moving_labels), cfg, NUM_CLASSES, device="cpu")
     assert sizes == [5, 2, 2, 1] and auto.atlas_chunk == 2  # 5 did not fit; then 2 + 2 + the last one
     cfg.atlas_chunk = 2
-    asked = register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, device="cpu")
+    asked = register_atlases(fixed, Atlases(moving, moving_labels), cfg, NUM_CLASSES, device="cpu")
     torch.testing.assert_close(auto.displacement, asked.displacement, atol=0, rtol=0)
     torch.testing.assert_close(auto.warped_onehot, asked.warped_onehot, atol=0, rtol=0)
     monkeypatch.setattr(reg, "_register_chunk", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("full")))
     cfg.atlas_chunk = 1
     with pytest.raises(torch.OutOfMemoryError):  # a single atlas that does not fit is the caller's problem
-        register_atlases(fixed, moving, moving_labels, cfg, NUM_CLASSES, device="cpu")
+        register_atlases(fixed, Atlases(moving, moving_labels), cfg, NUM_CLASSES, device="cpu")
 
 
 @pytest.mark.parametrize("kernel,shape", [(3, (2, 1, 9, 11, 13)), (5, (3, 2, 17, 8, 23)), (7, (1, 1, 31, 29, 19)),
@@ -317,10 +320,10 @@ def test_centre_of_mass_initialisation_alone_removes_a_translation():
     moving = torch.roll(image, shifts=(2, -3, 2), dims=(2, 3, 4))
     moving_labels = torch.roll(labels, shifts=(2, -3, 2), dims=(1, 2, 3))
     cfg = RegisterConfig(iterations=0, levels=1)
-    result = register_atlases(image, moving, moving_labels, cfg, NUM_CLASSES, device="cpu")
+    result = register_atlases(image, Atlases(moving, moving_labels), cfg, NUM_CLASSES, device="cpu")
     torch.testing.assert_close(result.displacement.mean((2, 3, 4)), torch.tensor([[2.0, -3.0, 2.0]]), atol=0.2, rtol=0)
     assert mean_dice(result.warped_labels, labels) > 0.95 > mean_dice(moving_labels, labels)
-    none = register_atlases(image, moving, moving_labels, RegisterConfig(iterations=0, levels=1, init="none"),
+    none = register_atlases(image, Atlases(moving, moving_labels), RegisterConfig(iterations=0, levels=1, init="none"),
                             NUM_CLASSES, device="cpu")
     assert none.displacement.abs().max() == 0
 
@@ -331,7 +334,7 @@ def test_affine_initialisation_and_monai_lncc_path_run():
     fixed, fixed_labels = deform(image, labels, affine_to_ddf(torch.tensor([[[1.1, 0, 0, 0.05], [0, 0.95, 0, 0],
                                                                               [0, 0, 1.0, 0]]]), size))
     cfg = RegisterConfig(init="affine", affine_iterations=15, iterations=3, levels=1, fast_lncc=False)
-    result = register_atlases(fixed, image, to_onehot(labels, NUM_CLASSES), cfg, NUM_CLASSES, device="cpu")
+    result = register_atlases(fixed, Atlases(image, to_onehot(labels, NUM_CLASSES)), cfg, NUM_CLASSES, device="cpu")
     assert mean_dice(labels, fixed_labels) < 0.9
     assert mean_dice(result.warped_labels, fixed_labels) > 0.98
 
@@ -339,10 +342,37 @@ def test_affine_initialisation_and_monai_lncc_path_run():
 def test_bad_inputs_stop_with_a_clear_message():
     image, labels = phantom((16, 16, 16))
     with pytest.raises(ValueError, match="target_mask"):
-        register_atlases(image, image, labels, RegisterConfig(supervision="mask"), NUM_CLASSES, device="cpu")
-    with pytest.raises(ValueError, match="supervision"):
-        register_atlases(image, image, labels, RegisterConfig(supervision="pixels"), NUM_CLASSES, device="cpu")
-    with pytest.raises(ValueError, match="moving images"):
-        register_atlases(image, image[..., :8], labels, RegisterConfig(), NUM_CLASSES, device="cpu")
+        register_atlases(image, Atlases(image, labels), RegisterConfig(supervision="mask"), NUM_CLASSES, device="cpu")
+    with pytest.raises(ValueError, match="RegisterConfig.supervision"):
+        RegisterConfig(supervision="pixels")
+    with pytest.raises(ValueError, match="do not match the images"):
+        register_atlases(image, Atlases(image[..., :8], labels), RegisterConfig(), NUM_CLASSES, device="cpu")
     with pytest.raises(ValueError, match="label values"):
-        register_atlases(image, image, labels + 5, RegisterConfig(), NUM_CLASSES, device="cpu")
+        register_atlases(image, Atlases(image, labels + 5), RegisterConfig(), NUM_CLASSES, device="cpu")
+
+
+def test_bending_weight_in_millimetres_is_equally_stiff_on_every_grid():
+    from isl_core.register import bending_scale
+
+    cfg = RegisterConfig(reference_spacing_mm=16.0)
+    # a grid of 33 voxels of 4 mm (128 mm) seen through a 9-voxel field (16 mm voxels): the weight as given
+    assert bending_scale(cfg, (4.0, 4.0, 4.0), (9, 9, 9), (33, 33, 33)) == pytest.approx(1.0)
+    # twice finer field voxels (8 mm): the bending energy in voxel units is 4x smaller per mm^2, so 4x the weight
+    assert bending_scale(cfg, (4.0, 4.0, 4.0), (17, 17, 17), (33, 33, 33)) == pytest.approx(4.0)
+    assert bending_scale(RegisterConfig(), (4.0, 4.0, 4.0), (17, 17, 17), (33, 33, 33)) == 1.0  # per voxel
+    with pytest.raises(ValueError, match="needs the grid spacing"):
+        bending_scale(cfg, None, (9, 9, 9), (33, 33, 33))
+    # the same physical field costs the same bending energy on both grids once scaled
+    x = torch.linspace(0, 128, 33)
+    u_mm = 2.0 * torch.sin(x / 20.0)  # a smooth displacement in mm along the first axis
+
+    def energy(field_voxels: int) -> float:
+        step = 128 / (field_voxels - 1)
+        u = torch.nn.functional.interpolate(u_mm.view(1, 1, -1), size=field_voxels, mode="linear",
+                                            align_corners=True).view(-1) / step  # in voxels of that field
+        field = torch.zeros(1, 3, field_voxels, field_voxels, field_voxels)
+        field[0, 0] = u.view(-1, 1, 1)
+        return float(smoothness(field, 1.0, 0.0)) * bending_scale(cfg, (4.0, 4.0, 4.0), (field_voxels,) * 3,
+                                                                   (33, 33, 33))
+
+    assert energy(17) == pytest.approx(energy(33), rel=0.05)

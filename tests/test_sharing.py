@@ -1,0 +1,104 @@
+"""Several ISL variants together (``sharing.adapt_variants``) against the plain loop (``refine.adapt``) run alone.
+
+The plain loop is the independent reference: it does not use the sharing scheduler, so these tests compare two
+implementations of the method, with a real tiny network and real registrations.
+"""
+
+import torch
+
+from isl_core import refine, sharing
+from isl_core.config import get_profile
+from isl_core.register import Atlases
+from isl_core.sharing import Variant
+
+C, N = 3, 2
+
+
+def _profile(rounds=2, steps=6, every=3, beta=0.6, mask_from_round=1):
+    p = get_profile("ci")
+    p.refine.mask_from_round = mask_from_round
+    p.refine.rounds, p.refine.finetune_steps, p.refine.ema_every, p.refine.beta = rounds, steps, every, beta
+    p.refine.batch_size = 1
+    return p
+
+
+def _tiny_real_setup(guide="atlases"):
+    """A real tiny network and real registrations: sharing must hold for the actual computations."""
+    from isl_core.segment import build_network
+
+    torch.manual_seed(0)
+    p = _profile(rounds=2, steps=4, every=2, mask_from_round=2)
+    p.refine.appearance_guide = guide
+    p.segment.channels, p.segment.strides, p.segment.patch_size = (4, 8), (2,), (16, 16, 16)
+    p.register.iterations, p.register.levels, p.register.warm_start_iterations = 3, 1, 2
+    size = (16, 16, 16)
+    net0 = build_network(p.segment, C)
+    x = torch.rand(1, *size)
+    atlases = Atlases(torch.rand(N, 1, *size), torch.randint(0, C, (N, *size)))
+    malf_like = torch.softmax(torch.randn(C, *size), 0)
+    variants = {"intensity": Variant("intensity", False, 0.6),
+                "intensity-ema": Variant("intensity", True, 0.6),
+                "both": Variant("both", False, 0.6), "both-ema": Variant("both", True, 0.6),
+                "both-ema-init": Variant("both", True, 0.6, malf_like)}
+    return p, net0, x, atlases, variants
+
+
+def _counting(monkeypatch):
+    counts = {"steps": 0, "registrations": 0}
+    step, register = refine.train_step, sharing.register_atlases
+
+    def counted_step(*a, **k):
+        counts["steps"] += 1
+        return step(*a, **k)
+
+    def counted_register(*a, **k):
+        counts["registrations"] += 1
+        return register(*a, **k)
+
+    monkeypatch.setattr(refine, "train_step", counted_step)
+    monkeypatch.setattr(refine, "register_atlases", counted_register)
+    monkeypatch.setattr(sharing, "register_atlases", counted_register)
+    return counts
+
+
+def test_variants_run_together_get_what_each_computes_alone(monkeypatch):
+    p, net0, x, atlases, variants = _tiny_real_setup()
+    counts = _counting(monkeypatch)
+    together = sharing.adapt_variants(net0, x, atlases, p, C, variants, device="cpu", seed=3)
+    # round 1 (intensity alignment for all): one registration, one fine-tuning run for all five variants;
+    # round 2: the intensity variants share one run, the three mask-following variants register and run apiece
+    assert counts == {"steps": 5 * 4, "registrations": 1 + 3}
+    # each variant is charged what it would cost alone: the intensity alignment reused in round 2 costs once
+    seconds = [r.seconds["registration"] for r in together["intensity"].rounds]
+    assert seconds[0] > 0 and seconds[1] == 0 and together["both"].rounds[1].seconds["registration"] > 0
+    counts.update(steps=0, registrations=0)
+    for name, v in variants.items():
+        alone = refine.adapt(net0, x, atlases, p, C, supervision=v.supervision, ema=v.ema, beta=v.beta,
+                             initial_mask=v.initial_mask, device="cpu", seed=3)
+        got = together[name]
+        assert len(alone.mask_updates) == len(got.mask_updates) == (5 if v.ema else 3)
+        for a, b in zip(alone.mask_updates, got.mask_updates):
+            assert torch.equal(a, b)  # bit for bit: same arithmetic in the same order
+        assert torch.equal(alone.final_probs, got.final_probs)
+        assert [r.finetune_losses for r in alone.rounds] == [r.finetune_losses for r in got.rounds]
+    assert counts == {"steps": 10 * 4, "registrations": 2 * 1 + 3 * 2}  # alone, nothing is shared
+
+
+def test_a_mask_guided_appearance_keeps_variants_with_other_masks_apart(monkeypatch):
+    # with the appearance read under M, the variant that starts from another M0 fine-tunes on other images
+    p, net0, x, atlases, variants = _tiny_real_setup(guide="mask")
+    counts = _counting(monkeypatch)
+    sharing.adapt_variants(net0, x, atlases, p, C, {k: variants[k] for k in ("both-ema", "both-ema-init")},
+                          device="cpu", seed=3)
+    assert counts == {"steps": 4 * 4, "registrations": 1 + 2}
+
+
+def test_history_can_be_dropped_without_changing_the_result():
+    p, net0, x, atlases, variants = _tiny_real_setup()
+    kept = sharing.adapt_variants(net0, x, atlases, p, C, {"v": variants["both-ema"]}, device="cpu", seed=3)
+    lean = sharing.adapt_variants(net0, x, atlases, p, C, {"v": variants["both-ema"]}, keep_history=False,
+                                 device="cpu", seed=3)
+    assert lean["v"].mask_updates == [] and lean["v"].rounds[0].mask is None
+    torch.testing.assert_close(kept["v"].final_probs, lean["v"].final_probs)
+
+
