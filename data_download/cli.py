@@ -33,6 +33,14 @@ def sources_epilog() -> str:
     return "\n".join(lines)
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (argparse names the option in its error)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
 def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs) -> None:
     # the caller's parser may already define a shared flag (isl adds --seed to every subcommand)
     if not any(f in parser._option_string_actions for f in flags):
@@ -51,7 +59,9 @@ def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
          help="where archives are downloaded and kept (default: OUT/../.isl-cache, emptied after success)")
     _add(parser, "--keep-archive", action="store_true", help="keep the downloaded archive after conversion")
     _add(parser, "--dry-run", action="store_true", help="print what would happen; download and write nothing")
-    _add(parser, "--force", action="store_true", help="rebuild --out even if it holds a completed dataset")
+    _add(parser, "--force", action="store_true",
+         help="rebuild a dataset folder the kit made (another source or split); a folder it did not make is never "
+              "replaced")
     _add(parser, "--folds", type=int, metavar="K",
          help="K-fold cross-validation split (btcv default: MONAI 24/6; hanseg/msd-pancreas default: 5 folds)")
     _add(parser, "--fold", type=int, default=0, metavar="I", help="which fold is the validation set (0-based)")
@@ -60,7 +70,8 @@ def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--url", metavar="URL", help="download from this URL instead (a mirror, or a local test server)")
     _add(parser, "--md5", metavar="HEX", help="expect this md5 instead of the one in sources.py")
     _add(parser, "--sha256", metavar="HEX", help="expect this sha256 instead of the one in sources.py")
-    _add(parser, "--retries", type=int, default=5, help="retries without progress before giving up (default 5)")
+    _add(parser, "--retries", type=non_negative_int, default=5, metavar="N",
+         help="retries without progress before giving up (0 or more; default 5)")
     _add(parser, "--no-progress", action="store_true", help="no progress bars (default: shown on a terminal)")
     if parser.epilog is None:
         parser.epilog = sources_epilog()
@@ -79,15 +90,18 @@ def options_from_args(args: argparse.Namespace) -> FetchOptions:
     )
 
 
-def run_fetch(args: argparse.Namespace) -> int:
-    """Run a fetch from parsed arguments; return the exit status (0 done, 2 failed, 130 interrupted)."""
+def run_fetch(args: argparse.Namespace, prog: str = "isl") -> int:
+    """Run a fetch from parsed arguments; return the exit status (0 done, 2 failed, 130 interrupted).
+
+    A failure is one line on stderr, ``PROG: error: ...``, as argparse words its own errors.
+    """
     try:
         fetch(options_from_args(args))
     except FetchError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: a partial download is kept in the cache; run the same command again to resume",
+        print(f"\n{prog}: interrupted; a partial download is kept in the cache: run the same command again to resume",
               file=sys.stderr)
         return 130
     return 0
@@ -102,4 +116,5 @@ def build_parser(prog: str = "python -m data_download") -> argparse.ArgumentPars
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_fetch(build_parser().parse_args(argv))
+    parser = build_parser()
+    return run_fetch(parser.parse_args(argv), parser.prog)

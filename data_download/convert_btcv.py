@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from data_download.convert_common import ConvertContext, Converted, check_pair, nifti_id, place, rel
+from data_download.convert_common import ConvertContext, Converted, nifti_id, stage_case
 from data_download.errors import FetchError
 from data_download.sources import BTCV_CASES
 
@@ -32,15 +32,7 @@ def convert(ctx: ConvertContext) -> Converted:
     for img in images:
         cid = nifti_id(img)
         label = img.parent.parent / "label" / f"label{cid[3:]}.nii.gz"
-        if not label.is_file():
-            raise FetchError(f"{ctx.archive}: {img.name} has no label Training/label/{label.name}; the archive is "
-                             "incomplete: fetch it again")
-        check_pair(img, label, ctx.archive)
-        image_dest = ctx.staging / "imagesTr" / img.name
-        label_dest = ctx.staging / "labelsTr" / label.name
-        place(img, image_dest)
-        place(label, label_dest)
-        cases[cid] = {"image": rel(ctx.staging, image_dest), "label": rel(ctx.staging, label_dest)}
+        cases[cid] = stage_case(ctx, img, label, f"Training/label/{label.name}")
     if sorted(cases) != sorted(BTCV_CASES):
         print(f"  note: {len(cases)} labelled cases found; the published RawData.zip has the 30 of the MONAI split")
     return Converted(cases)

@@ -66,3 +66,27 @@ def place(src: Path, dest: Path) -> Path:
 
 def rel(staging: Path, path: Path) -> str:
     return path.relative_to(staging).as_posix()
+
+
+def stage_case(ctx: ConvertContext, image: Path, label: Path, label_hint: str) -> dict[str, str]:
+    """Check an extracted image/label pair and move it into ``imagesTr/`` / ``labelsTr/`` under its archive name.
+
+    Returns the dataset.json entry. ``label_hint`` names the missing label in the message, as the archive
+    lays it out (e.g. ``Training/label/label0001.nii.gz``).
+    """
+    if not label.is_file():
+        raise FetchError(f"{ctx.archive}: {image.name} has no label {label_hint}; the archive is incomplete: "
+                         "fetch it again")
+    check_pair(image, label, ctx.archive)
+    image_dest = place(image, ctx.staging / "imagesTr" / image.name)
+    label_dest = place(label, ctx.staging / "labelsTr" / label.name)
+    return {"image": rel(ctx.staging, image_dest), "label": rel(ctx.staging, label_dest)}
+
+
+def case_destinations(staging: Path, case_id: str) -> tuple[Path, Path]:
+    """``imagesTr/ID.nii.gz`` and ``labelsTr/ID.nii.gz`` in ``staging``, their folders made, for a converter that
+    writes new files (rather than moving the archive's own ones with ``stage_case``)."""
+    paths = staging / "imagesTr" / f"{case_id}.nii.gz", staging / "labelsTr" / f"{case_id}.nii.gz"
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return paths

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from data_download.convert_common import ConvertContext, Converted, rel
+from data_download.convert_common import ConvertContext, Converted, case_destinations, rel
 from data_download.errors import FetchError
 from data_download.sources import HANSEG_OARS, SOURCES
 
@@ -119,10 +119,7 @@ def convert_case(case_id: str, ct_path: Path, oar_paths: dict[str, Path], stagin
         data, affine = read_nrrd(path)
         masks[name] = resample_mask(data, affine, ct.shape, ct_affine)
     label, lost = merge_masks(masks, ct.shape)
-    image_dest = staging / "imagesTr" / f"{case_id}.nii.gz"
-    label_dest = staging / "labelsTr" / f"{case_id}.nii.gz"
-    image_dest.parent.mkdir(parents=True, exist_ok=True)
-    label_dest.parent.mkdir(parents=True, exist_ok=True)
+    image_dest, label_dest = case_destinations(staging, case_id)
     # integer CTs keep their type (HU fit int16); a float CT stays float
     ct_img = nib.Nifti1Image(ct, ct_affine)
     ct_img.set_data_dtype(ct.dtype)

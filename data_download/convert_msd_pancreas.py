@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 
-from data_download.convert_common import ConvertContext, Converted, check_pair, nifti_id, place, rel
+from data_download.convert_common import ConvertContext, Converted, nifti_id, stage_case
 from data_download.errors import FetchError
 from data_download.sources import MSD_PANCREAS_SELECTION_SALT, SOURCES
 from data_download.splits import select_cases
@@ -53,16 +53,7 @@ def convert(ctx: ConvertContext) -> Converted:
     cases: dict[str, dict[str, str]] = {}
     for cid in chosen:
         img = by_id[cid]
-        label = img.parent.parent / "labelsTr" / img.name
-        if not label.is_file():
-            raise FetchError(f"{ctx.archive}: {img.name} has no labelsTr/{img.name}; the archive is incomplete: "
-                             "fetch it again")
-        check_pair(img, label, ctx.archive)
-        image_dest = ctx.staging / "imagesTr" / img.name
-        label_dest = ctx.staging / "labelsTr" / img.name
-        place(img, image_dest)
-        place(label, label_dest)
-        cases[cid] = {"image": rel(ctx.staging, image_dest), "label": rel(ctx.staging, label_dest)}
+        cases[cid] = stage_case(ctx, img, img.parent.parent / "labelsTr" / img.name, f"labelsTr/{img.name}")
     excluded = sorted(set(by_id) - set(chosen))
     meta = {
         "selection": {

@@ -13,7 +13,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 
-from data_download.convert_common import ConvertContext, Converted, rel
+from data_download.convert_common import ConvertContext, Converted, case_destinations, rel
 from data_download.errors import FetchError
 from data_download.sources import SAMPLE_CT_MEMBER, SAMPLE_LICENSE_MEMBER, SAMPLE_SEG_MEMBER, SOURCES, TOTALSEG_TO_BTCV
 
@@ -46,10 +46,7 @@ def convert(ctx: ConvertContext) -> Converted:
         raise FetchError(f"{ctx.archive}: example_ct and example_seg_fast_force_split do not share a grid; "
                          "this is not the published sdist")
     labels = remap(np.asanyarray(seg.dataobj))
-    image_dest = ctx.staging / "imagesTr" / f"{CASE_ID}.nii.gz"
-    label_dest = ctx.staging / "labelsTr" / f"{CASE_ID}.nii.gz"
-    image_dest.parent.mkdir(parents=True, exist_ok=True)
-    label_dest.parent.mkdir(parents=True, exist_ok=True)
+    image_dest, label_dest = case_destinations(ctx.staging, CASE_ID)
     shutil.copyfile(ct_path, image_dest)
     lab_img = nib.Nifti1Image(labels, ct.affine, header=ct.header)
     lab_img.set_data_dtype(np.uint8)

@@ -1,16 +1,26 @@
-"""Writing the finished dataset folder: dataset.json, LICENSE.txt, CITATION.txt and the completion marker.
+"""The dataset folder ``--out``: what may be replaced, the temporaries next to it, and writing it.
 
 The marker is written last and names the sha256 of the verified archive: its presence is what makes a re-run
-a no-op, so a folder without it is by definition unfinished.
+a no-op, and it is the only proof that the kit made a folder. A folder without it is never replaced, with or
+without ``--force``: it may hold anybody's work. A folder with it is replaced (``--force``) only while it holds
+nothing but what the kit wrote there.
+
+While a fetch runs it holds a lock file ``.OUT.lock`` next to ``--out``; with the lock held, the hidden
+``.OUT.extract-*`` / ``.OUT.partial-*`` / ``.OUT.old-*`` folders that a killed run of the same ``--out`` left
+behind are removed (no running fetch can own them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +30,122 @@ from data_download.sources import Source
 
 MARKER = ".isl_fetch_complete.json"
 FORMAT_VERSION = 1
+#: What the kit writes into a dataset folder besides the cases dataset.json lists (``isl data show`` draws
+#: cohort.png into the dataset folder by default).
+KIT_FILES = frozenset({MARKER, "dataset.json", "LICENSE.txt", "CITATION.txt", "cohort.png"})
+#: The kinds of hidden temporary folder ``fetch`` and ``commit`` make next to ``--out`` (``tempfile.mkdtemp``
+#: names: the prefix, then 8 characters).
+TEMP_KINDS = ("extract", "partial", "old")
 
 
 def read_marker(out: Path) -> dict[str, Any] | None:
+    """The completion marker of ``out``; ``None`` when there is none, ``{}`` when it is there but unreadable."""
     path = Path(out) / MARKER
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise FetchError(f"{path}: unreadable completion marker; pass --force to rebuild {out}") from None
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def foreign_files(out: Path) -> list[Path]:
+    """Files in the kit-made folder ``out`` that the kit did not write there (a user's notes, results, ...)."""
+    ours = {out / name for name in KIT_FILES}
+    try:
+        doc = json.loads((out / "dataset.json").read_text())
+        for section in ("training", "validation", "test"):
+            for case in doc.get(section) or []:
+                ours.update(out / str(case[key]) for key in ("image", "label") if key in case)
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass  # without a readable dataset.json, only the fixed names count as ours
+    ours = {Path(os.path.normpath(p)) for p in ours}
+    return sorted(p for p in out.rglob("*") if not p.is_dir() and Path(os.path.normpath(p)) not in ours)
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is empty or a folder the kit made that holds only the kit's files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FetchError(f"--out {out} is a file; choose a new or empty folder for --out")
+    if not any(out.iterdir()):
+        return
+    if read_marker(out) is None:
+        raise FetchError(f"--out {out} is a folder the kit did not make (no {MARKER}) and is never replaced; "
+                         "choose a new or empty folder for --out")
+    foreign = foreign_files(out)
+    if foreign:
+        raise FetchError(f"--out {out} holds {len(foreign)} file(s) the kit did not write (e.g. "
+                         f"{foreign[0].relative_to(out)}); move them out of {out} before rebuilding it")
+
+
+def temp_prefix(out: Path, kind: str) -> str:
+    """Name prefix of a hidden temporary folder of ``kind`` (one of ``TEMP_KINDS``) next to ``out``."""
+    return f".{out.name}.{kind}-"
+
+
+def stale_temporaries(out: Path) -> list[Path]:
+    """Hidden temporary folders of this ``out`` (see ``TEMP_KINDS``) in its parent; only call with the lock held."""
+    pattern = re.compile(rf"{re.escape(out.name)}\.(?:{'|'.join(TEMP_KINDS)})-[a-z0-9_]{{8}}")
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir()
+                  if p.name.startswith(".") and pattern.fullmatch(p.name[1:]) and p.is_dir() and not p.is_symlink())
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    for path in stale_temporaries(out):
+        print(f"   removing {path.name}, left next to {out.name} by an interrupted fetch")
+        shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """Hold ``.OUT.lock`` next to ``out`` while a fetch writes there; a second fetch into ``out`` is refused.
+
+    The lock file goes when the fetch ends; the OS releases the lock of a killed run, so a stale file blocks
+    nothing. After locking, the path is checked to still name the locked file: a run that ended in between may
+    have removed it, and a lock on a removed file would exclude nobody.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; a fetch into the same --out twice at once is not guarded
+        yield
+        return
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FetchError(f"another fetch into {out} is running (it holds {path}); wait for it to end, or "
+                             "choose another --out") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def os_error_message(e: OSError, out: Path) -> str:
+    """One line for a failed file operation, naming the path and the fix (``fetch`` turns OSError into this)."""
+    where = e.filename or out.parent
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return (f"{where}: no space left on the disk; nothing was put in {out}: free some space or point --out/--cache "
+                "at a bigger disk, then run the same command again")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"{where}: {e.strerror or 'permission denied'}; check its permissions, or choose an --out (and "
+                "--cache) in a folder you can write to")
+    return f"{where}: {e.strerror or e}; check the folder and its disk, then run the same command again"
 
 
 def licence_text(src: Source, provenance: dict[str, Any], extra: str = "") -> str:
@@ -99,16 +215,16 @@ def commit(staging: Path, out: Path) -> None:
     """Put the finished ``staging`` folder at ``out`` with renames, so ``out`` is never half-written.
 
     An existing ``out`` (only reached with --force, or when it is empty) is moved aside first and deleted
-    only after the new folder is in place.
+    only after the new folder is in place. It is checked again here: something may have been put into it
+    while the archive was downloading.
     """
-    if out.exists() and not out.is_dir():
-        raise FetchError(f"{out} exists and is a file; choose another --out")
+    check_replaceable(out)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's private 0700 would hide the dataset from other users
     if out.exists():
         if any(out.iterdir()):
-            backup = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            backup = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out, "old")))
             backup.rmdir()
             os.rename(out, backup)
             os.rename(staging, out)

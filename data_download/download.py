@@ -33,11 +33,8 @@ _TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+    """``n`` bytes the way the progress bars write them (tqdm's formatting, decimal units: 38.0MB, 11.5GB)."""
+    return tqdm.format_sizeof(n, "B")
 
 
 def _existing_dir(path: Path) -> Path:

@@ -3,9 +3,10 @@
 Every member of an archive is checked *before* anything is written: an absolute path, a ``..`` component, a
 drive letter, a symbolic or hard link, or a device/FIFO member makes the whole archive refused. None of the
 published archives contains any of these, so one that does is damaged or tampered with, and extracting the
-rest of it would be trusting it anyway. Members are then streamed to paths we build ourselves under the
-target (never through ``extractall``), so even a checker bug cannot write outside it. macOS AppleDouble
-files (``._name``, ``__MACOSX/``) carry Finder metadata, not data, and are skipped.
+rest of it would be trusting it anyway. A second, independent guard then writes each member: tar members go
+through ``tarfile``'s ``data`` extraction filter, and zip members (``zipfile`` has no such filter) are streamed to
+paths built here and checked to lie under the target. Either way a checker bug cannot write outside it. macOS
+AppleDouble files (``._name``, ``__MACOSX/``) carry Finder metadata, not data, and are skipped.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def safe_extract(archive: str | Path, dest: str | Path, include: Callable[[str],
     """Extract the regular files of ``archive`` for which ``include(name)`` is true into ``dest``.
 
     Returns the written paths. AppleDouble files are always skipped. Folders are created as needed;
-    permissions, owners and timestamps from the archive are ignored (data, not an installation).
+    permissions, owners and timestamps from the archive are not applied (data, not an installation).
     ``members`` (from ``list_members``) saves a second pass over a large archive.
     """
     archive, dest = Path(archive), Path(dest)
@@ -150,11 +151,17 @@ def safe_extract(archive: str | Path, dest: str | Path, include: Callable[[str],
         else:
             wanted = {m.name for m in chosen}
             with tarfile.open(archive, "r:*") as tf:
-                for ti in tf:  # one sequential pass: compressed tars cannot seek back cheaply
+                # one sequential pass, member by member (not extractall, which would list the whole archive
+                # first): a compressed tar cannot seek back cheaply
+                for ti in tf:
                     if ti.name in wanted and ti.isfile():
-                        src = tf.extractfile(ti)
-                        if src is not None:
-                            written.append(_copy_stream(src, _target(dest, ti.name), bar))
+                        target = _target(dest, ti.name)
+                        tf.extract(ti, dest, set_attrs=False, filter="data")  # data, not an installation
+                        written.append(target)
+                        bar.update(ti.size)
+    except tarfile.FilterError as e:
+        raise FetchError(f"{archive}: refused to extract: {e}; the archive is damaged or tampered with: delete it "
+                         "and download it again from the source in sources.py") from None
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
         raise FetchError(f"{archive}: damaged archive while extracting ({type(e).__name__}: {e}); delete it and "
                          "fetch again") from None

@@ -24,7 +24,17 @@ from pathlib import Path
 
 from data_download import download as dl
 from data_download.convert_common import ConvertContext
-from data_download.dataset_folder import MARKER, commit, read_marker, write_folder
+from data_download.dataset_folder import (
+    MARKER,
+    check_replaceable,
+    commit,
+    os_error_message,
+    out_lock,
+    read_marker,
+    remove_stale_temporaries,
+    temp_prefix,
+    write_folder,
+)
 from data_download.errors import FetchError
 from data_download.extract import check_members, list_members, safe_extract, selected_size
 from data_download.sources import MSD_PANCREAS_N_SELECTED, SOURCE_NAMES, Source, get_source
@@ -210,6 +220,8 @@ def _validate_options(src: Source, opts: FetchOptions) -> int | None:
         raise FetchError("the sample has one case: --folds does not apply")
     if opts.from_file and opts.url:
         raise FetchError("pass either --from-file or --url, not both")
+    if opts.retries < 0:
+        raise FetchError(f"--retries must be 0 or more (got {opts.retries})")
     if opts.folds is not None:
         if opts.folds < 2:
             raise FetchError(f"--folds must be at least 2 (got {opts.folds})")
@@ -242,20 +254,20 @@ def fetch(opts: FetchOptions) -> Path | None:
     expected, algorithm = _expected(src, opts)
 
     marker = read_marker(out) if out.is_dir() else None
-    if marker is not None:
-        if marker.get("source") != src.name and not opts.force:
-            raise FetchError(f"{out} already holds the {marker.get('source')} dataset; choose another --out "
-                             "(or --force to replace it)")
-        if not opts.force:
-            if marker.get("split") != split:
-                raise FetchError(f"{out} already holds {src.name} with the {describe_split(marker['split'])}, not the "
-                                 f"{describe_split(split)}; pass --force to rebuild it or choose another --out")
-            print(f"{out}: {src.name} is already in place (verified archive sha256 {marker.get('sha256')}); "
-                  "nothing to do (--force rebuilds it)")
-            return out
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not opts.force:
-        raise FetchError(f"{out} exists and is not a completed fetch (no {MARKER}); choose a new or empty --out, "
-                         "or pass --force to replace it")
+    if marker is None or opts.force:
+        check_replaceable(out)  # a file, or a folder the kit did not make, is refused with or without --force
+    if marker is not None and not opts.force:
+        if not marker.get("source"):
+            raise FetchError(f"{out / MARKER}: unreadable completion marker; pass --force to rebuild {out}")
+        if marker["source"] != src.name:
+            raise FetchError(f"{out} already holds the {marker['source']} dataset; choose another --out (or --force "
+                             "to replace it)")
+        if marker.get("split") != split:
+            raise FetchError(f"{out} already holds {src.name} with the {describe_split(marker['split'])}, not the "
+                             f"{describe_split(split)}; pass --force to rebuild it or choose another --out")
+        print(f"{out}: {src.name} is already in place (verified archive sha256 {marker.get('sha256')}); "
+              "nothing to do (--force rebuilds it)")
+        return out
 
     print_terms(src)
     cache = Path(opts.cache).expanduser().absolute() if opts.cache else out.parent / ".isl-cache"
@@ -267,9 +279,13 @@ def fetch(opts: FetchOptions) -> Path | None:
 
     if src.method == "synapse" and not (opts.from_file or opts.url):
         _synapse_client(src)  # fail on a missing token before creating any folder
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return _fetch_into(src, opts, out, cache, split, n_cases, expected, algorithm)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out_lock(out):  # also the first write: a read-only parent is reported before any download
+            remove_stale_temporaries(out)
+            return _fetch_into(src, opts, out, cache, split, n_cases, expected, algorithm)
+    except OSError as e:  # the local disk (a full disk, a read-only folder): the network's errors are FetchErrors
+        raise FetchError(os_error_message(e, out)) from None
     finally:
         if not opts.cache:
             try:
@@ -282,8 +298,8 @@ def _fetch_into(src: Source, opts: FetchOptions, out: Path, cache: Path, split: 
                 expected: str, algorithm: str) -> Path:
     archive, sha256, ours = _obtain_archive(src, opts, cache, out, expected, algorithm)
     conv = _converter(src.name)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.extract-"))
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out, "extract")))
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=temp_prefix(out, "partial")))
     try:
         members = list_members(archive)
         check_members(archive, members)

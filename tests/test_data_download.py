@@ -13,17 +13,17 @@ import sys
 import types
 from pathlib import Path
 
+import fabricate as fab
 import nibabel as nib
 import numpy as np
 import pytest
 
-from data_download import testing as fab
 from data_download.cli import main
 from data_download.dataset_folder import MARKER
 from data_download.errors import FetchError
 from data_download.fetch import FetchOptions, fetch
+from data_download.labels import BTCV_LABELS
 from data_download.sources import HANSEG_OARS, MONAI_BTCV_TRAINING, MONAI_BTCV_VALIDATION, MSD_PANCREAS_N_SELECTED
-from isl_core.config import BTCV_LABELS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,15 +189,6 @@ def test_rerun_is_a_no_op_and_split_change_needs_force(archives, server, tmp_pat
     assert main([*args, "--fold", "1", "--force"]) == 0
     assert json.loads((out / "dataset.json").read_text())["split"]["fold"] == 1
     assert no_leftovers(tmp_path)
-
-
-def test_refuses_a_non_empty_folder_that_is_not_a_fetch(tmp_path, archives):
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / "results.csv").write_text("precious\n")
-    with pytest.raises(FetchError, match="not a completed fetch"):
-        fetch(FetchOptions("btcv", out, from_file=archives["btcv"], md5=fab.md5_of(archives["btcv"])))
-    assert (out / "results.csv").read_text() == "precious\n"
 
 
 def test_dry_run_writes_nothing(tmp_path):

@@ -7,10 +7,10 @@ import shutil
 from collections import namedtuple
 from pathlib import Path
 
+import fabricate as fab
 import pytest
 
 from data_download import download as dl
-from data_download import testing as fab
 from data_download.cli import main
 from data_download.errors import FetchError
 from data_download.fetch import FetchOptions, fetch

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from data_download.cli import main
+from data_download.labels import BTCV_LABELS
 from data_download.sources import SOURCES
-from isl_core.config import BTCV_LABELS
 
 pytestmark = pytest.mark.network
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 import argparse
 import tarfile
 
+import fabricate as fab
 import numpy as np
 import pytest
 
-from data_download import testing as fab
 from data_download.cli import add_fetch_arguments, options_from_args
 from data_download.convert_hanseg import merge_masks, read_nrrd, resample_mask
 from data_download.convert_sample import remap
 from data_download.errors import FetchError
 from data_download.extract import Member, is_appledouble, safe_extract, unsafe_reason
+from data_download.labels import BTCV_LABELS
 from data_download.sources import HANSEG_OARS, SOURCES, TOTALSEG_TO_BTCV
 from data_download.splits import hash_order, kfold_split, monai_btcv_split, select_cases
-from isl_core.config import BTCV_LABELS
 
 
 def test_sources_table_is_complete_and_consistent():

@@ -1,4 +1,5 @@
-"""Test helpers: fabricated archives with each source's real internal layout, and a local HTTP server.
+"""Test fixtures of the dataset fetcher: fabricated archives with each source's real internal layout, and a local HTTP
+server.
 
 The volumes are tiny (a few voxels) but the member names, folder nesting, file formats (NIfTI, Slicer-style
 ``.seg.nrrd`` in LPS space), AppleDouble sidecars and label conventions are those of the published archives,
