@@ -1,21 +1,93 @@
 """The ``isl`` command: one subcommand per pipeline stage, plus the experiment and the notebooks.
 
-Every subcommand takes ``--device auto|cpu|cuda`` and ``--seed``. Errors in the input (a bad dataset folder,
-an existing output) end with one line naming the file and the fix, and exit status 2.
+Every subcommand takes ``--device auto|cpu|cuda`` and ``--seed``.
+
+Exit status and messages:
+
+* ``0`` done; ``130`` interrupted (Ctrl-C; rerun the same command to resume).
+* ``2`` a problem the user can fix: a bad option value (checked when the command line is parsed), a bad dataset
+  or model file, an output folder that belongs to another run, a read-only or full disk. stderr ends with one line
+  ``isl: error: <what, naming the file or option, and what to do>``.
+* ``1`` anything else: a bug of the kit. One line ``isl: internal error: ...`` asks to rerun with ``--debug``.
+
+``isl --debug ...`` (the flag may stand anywhere on the line) or ``ISL_DEBUG=1`` shows the Python traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import math
+import os
 import sys
 from pathlib import Path
 
 from isl_core.config import DEFAULT_METHODS, METHODS, PROFILE_NAMES
+from isl_core.runtime import UserError
+
+
+class UsageError(UserError):
+    """A command line argparse rejects (unknown option, missing argument, value out of range)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises ``UsageError`` (one ``isl: error:`` line, exit 2) instead of
+    printing the usage block and calling ``sys.exit`` from inside the parser."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("isl").strip()  # "isl data synth" -> "data synth"
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see `{self.prog} --help`)")
+
+
+# ---------------------------------------------------------------------------------- option values (parse time)
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _beta(text: str) -> float:
+    value = _finite(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"the moving-average weight must be in [0, 1), got {text}")
+    return value
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                                         f"choose from {', '.join(METHODS)}")
+    return methods
+
+
+def _device(text: str) -> str:
+    name, _, index = text.partition(":")
+    if name not in ("auto", "cpu", "cuda", "mps") or (index and not (name == "cuda" and index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose auto, cpu, cuda, cuda:N or mps")
+    return text
 
 
 def _common(p: argparse.ArgumentParser, profile: bool = True) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu or cuda")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", type=_device, help="auto (cuda, then mps, then cpu), cpu or cuda")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (default 0)")
     if profile:
         p.add_argument("--profile", default="quick", choices=PROFILE_NAMES,
                        help="settings preset: ci (tests), quick (laptop CPU), paper (GPU)")
@@ -53,19 +125,21 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="isl", description="Inference-specific learning (ISL) for medical image "
-                                     "segmentation: data, training, registration, refinement, experiments.")
+    parser = _Parser(prog="isl", description="Inference-specific learning (ISL) for medical image "
+                     "segmentation: data, training, registration, refinement, experiments.")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error "
+                        "(also ISL_DEBUG=1; the flag may stand anywhere on the command line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="make, fetch or look at dataset folders").add_subparsers(dest="data_cmd",
                                                                                                  required=True)
     p = data.add_parser("synth", help="write the synthetic abdominal cohort (train + shifted inference cases)")
     p.add_argument("out", help="output dataset folder")
-    p.add_argument("--n-train", type=int, default=12)
-    p.add_argument("--n-val", type=int, default=6)
-    p.add_argument("--n-test", type=int, default=0)
-    p.add_argument("--shift", type=float, default=1.0, help="domain shift of the inference cases (0 none, 1 default)")
-    p.add_argument("--size", type=int, nargs=3, default=(96, 96, 64), metavar=("X", "Y", "Z"))
+    p.add_argument("--n-train", type=_int_at_least(1), default=12)
+    p.add_argument("--n-val", type=_int_at_least(0), default=6)
+    p.add_argument("--n-test", type=_int_at_least(0), default=0)
+    p.add_argument("--shift", type=_finite, default=1.0, help="domain shift of the inference cases (0 none, 1 default)")
+    p.add_argument("--size", type=_int_at_least(1), nargs=3, default=(96, 96, 64), metavar=("X", "Y", "Z"))
     p.add_argument("--force", action="store_true", help="overwrite a folder that holds something else")
     p.add_argument("--figure", action=argparse.BooleanOptionalAction, default=True,
                    help="also write cohort.png (default on)")
@@ -105,6 +179,8 @@ def _add_stage_commands(sub) -> None:
     p.add_argument("run", help="run folder written by `isl train`")
     p.add_argument("inputs", help="a NIfTI image or a dataset folder (its validation and test cases)")
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true",
+                   help="replace the predictions of another model in OUT instead of refusing")
     _common(p, profile=False)
     p.set_defaults(func=commands.predict)
 
@@ -120,11 +196,11 @@ def _add_stage_commands(sub) -> None:
     p = sub.add_parser("experiment", help="run baseline, MALF and ISL variants on every validation case")
     p.add_argument("dataset")
     p.add_argument("--out", required=True)
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, from: {', '.join(METHODS)}")
+    p.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS),
+                   help=f"comma-separated, from: {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)})")
     p.add_argument("--model", help="a run folder from `isl train` (default: train the baseline into OUT/baseline)")
-    p.add_argument("--rounds", type=int, help="ISL rounds (overrides the profile)")
-    p.add_argument("--beta", type=float, help="moving-average weight (overrides the profile)")
+    p.add_argument("--rounds", type=_int_at_least(1), help="ISL rounds, >= 1 (overrides the profile)")
+    p.add_argument("--beta", type=_beta, help="moving-average weight in [0, 1) (overrides the profile)")
     p.add_argument("--cases", help="comma-separated validation case ids (default all)")
     p.add_argument("--force", action="store_true", help="redo finished cases instead of skipping them")
     _common(p)
@@ -138,21 +214,53 @@ def _add_stage_commands(sub) -> None:
     p.set_defaults(func=commands.reproduce)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from isl_core.data import DatasetError
+_OS_REASONS = {
+    errno.EACCES: "permission denied; choose another --out or fix the folder's permissions",
+    errno.EPERM: "operation not permitted; choose another --out or fix the folder's permissions",
+    errno.EROFS: "read-only file system; choose an --out on a writable disk",
+    errno.ENOSPC: "no space left on the device; free some space or choose an --out on another disk",
+    errno.EDQUOT: "disk quota exceeded; free some space or choose an --out on another disk",
+    errno.ENOENT: "no such file or folder; check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+    errno.EISDIR: "is a folder where a file was expected; check the path",
+    errno.ENAMETOOLONG: "file name too long; choose a shorter path",
+}
 
-    args = build_parser().parse_args(argv)
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def describe_error(e: BaseException) -> tuple[int, str]:
+    """(exit status, the one line for stderr) of an exception that ends an ``isl`` command."""
+    if isinstance(e, (UserError, FileExistsError)) or type(e).__name__ in ("FetchError", "DatasetError"):
+        return 2, f"isl: error: {_one_line(e)}"
+    if isinstance(e, OSError) and e.errno in _OS_REASONS:
+        # the expected failures of the file system name the path the kit was reading or writing
+        line = f"{e.filename}: {_OS_REASONS[e.errno]}" if e.filename is not None else _one_line(e)
+        return 2, f"isl: error: {line}"
+    if isinstance(e, FileNotFoundError) and e.errno is None:  # raised by the kit with a message naming the file
+        return 2, f"isl: error: {_one_line(e)}"
+    return 1, f"isl: internal error: {type(e).__name__}: {_one_line(e)[:300]} (rerun with --debug for the traceback)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``isl ARGV``; returns the exit status (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("ISL_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except Exception as e:
-        # Input problems get one line naming the file and the fix; anything else is a bug: show the traceback.
-        if not (isinstance(e, (DatasetError, FileExistsError)) or type(e).__name__ == "FetchError"):
-            raise
-        print(f"isl: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("isl: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            raise
+        code, line = describe_error(e)
+        print(line, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,33 +1,52 @@
-"""What each ``isl`` subcommand does: it wires the stages together (the CLI only parses arguments)."""
+"""What each ``isl`` subcommand does: it wires the stages together (the CLI only parses arguments).
+
+Every command checks what it can before any long computation starts (the device, the dataset, the run folder it
+writes into) and raises ``UserError`` subclasses for problems the user can fix; ``cli.main`` prints them as one
+line.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-import nibabel as nib
 import pandas as pd
 
 from isl_core.config import get_profile
-from isl_core.data import Case, DatasetError, case_id_from_path, load_case, load_cases, load_dataset
-from isl_core.runtime import resolve_device
+from isl_core.data import Case, DatasetError, case_id_from_path, load_case, load_dataset, validate_case
+from isl_core.runtime import UserError, read_json, resolve_device, write_json
+
+#: Stamp of a prediction folder: the model (by content) whose predictions it holds.
+PREDICTIONS_STAMP = "isl_predictions.json"
+
+
+def _out_folder(path: str | Path, option: str = "--out") -> Path:
+    """``path`` as an output folder: it may be missing (it is created) but must not be a file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out}: exists and is not a folder; give a folder path")
+    return out
 
 
 def train(args: argparse.Namespace) -> int:
-    from isl_core.segment import MODEL, train_segmenter
+    from isl_core.data import dataset_fingerprint, load_cases
+    from isl_core.segment import MODEL, check_run_binding, train_segmenter
 
-    out = Path(args.out)
+    out = _out_folder(args.out)
+    device = resolve_device(args.device)
+    ds = load_dataset(args.dataset)
+    profile = get_profile(args.profile)
+    fingerprint = dataset_fingerprint(ds)
+    # a run folder is bound to its dataset, profile and seed: checked before anything is read or written
+    check_run_binding(out, profile, ds.num_classes, args.seed, fingerprint)
     if (out / MODEL).is_file():
         print(f"{out / MODEL} exists: training is finished (remove the folder to retrain)")
         return 0
-    ds = load_dataset(args.dataset)
-    profile = get_profile(args.profile)
-    device = resolve_device(args.device)
     print(f"training the baseline segmenter ({profile.name} profile, {len(ds.training)} cases) on {device}")
     train_cases = load_cases(ds.training, profile.data, ds.modality)
     val_cases = load_cases(ds.validation, profile.data, ds.modality)
     _, state = train_segmenter(train_cases, profile, ds.num_classes, ds.labels, out=out, val_cases=val_cases,
-                               device=device, seed=args.seed)
+                               device=device, seed=args.seed, dataset_fingerprint=fingerprint)
     last = [h for h in state.history if "val_dice" in h]
     msg = f"; validation Dice {last[-1]['val_dice']:.3f}" if last else ""
     print(f"done: {state.step} steps in {state.seconds:.0f} s{msg} -> {out / MODEL}")
@@ -35,66 +54,80 @@ def train(args: argparse.Namespace) -> int:
 
 
 def _inputs(path: Path) -> tuple[list[Case], str]:
-    """Cases to predict: one NIfTI file, or the validation and test cases of a dataset folder."""
+    """Cases to predict: one NIfTI file (checked as strictly as a dataset case), or a dataset folder's
+    validation and test cases."""
     if path.is_dir():
         ds = load_dataset(path)
+        if not ds.validation and not ds.test:
+            raise DatasetError(f"{ds.root / 'dataset.json'}: no 'validation' or 'test' cases to predict")
         return ds.validation + ds.test, ds.modality
     if not path.is_file():
         raise DatasetError(f"{path}: not found; give a NIfTI image or a dataset folder")
-    return [Case(case_id_from_path(path), path, None, "test")], "CT"
+    case = Case(case_id_from_path(path), path.resolve(), None, "test")
+    validate_case(case, {})  # 3-D, finite, readable: the same rules as a dataset case
+    return [case], "CT"
+
+
+def _claim_prediction_folder(out: Path, fingerprint: str, run: Path, targets: list[Path], force: bool) -> None:
+    """Stamp ``out`` with the model's fingerprint; refuse a folder holding another (or an unknown) model's
+    predictions, since skipping its files as "exists" would report them as this model's."""
+    stamp = out / PREDICTIONS_STAMP
+    if not force:
+        if stamp.is_file():
+            old = read_json(stamp, "prediction folder stamp")
+            if isinstance(old, dict) and old.get("model_fingerprint") == fingerprint:
+                return
+            made_by = old.get("run") if isinstance(old, dict) else None
+            raise UserError(f"{out}: holds the predictions of another model ({made_by or 'unknown run'}, see "
+                            f"{PREDICTIONS_STAMP}); use another --out, or --force to replace them")
+        existing = [t for t in targets if t.exists()]
+        if existing:
+            raise UserError(f"{existing[0]}: exists, and {out} has no {PREDICTIONS_STAMP} saying which model made it; "
+                            "use another --out, or --force to replace it")
+    write_json(stamp, {"model_fingerprint": fingerprint, "run": str(run.resolve())})
 
 
 def predict(args: argparse.Namespace) -> int:
     from isl_core.data import write_prediction
-    from isl_core.segment import load_segmenter, predict_proba
+    from isl_core.segment import load_segmenter, model_fingerprint, predict_proba
 
-    net, meta = load_segmenter(args.run, args.device)
+    out = _out_folder(args.out)
+    device = resolve_device(args.device)
+    net, meta = load_segmenter(args.run, device)
     profile = meta["profile_obj"]
     cases, modality = _inputs(Path(args.inputs))
-    out = Path(args.out)
-    for case in cases:
-        target = out / f"{case.id}.nii.gz"
-        if target.exists():
-            print(f"skip {target} (exists)")
+    targets = [out / f"{case.id}.nii.gz" for case in cases]
+    _claim_prediction_folder(out, model_fingerprint(args.run), Path(args.run), targets, args.force)
+    for case, target in zip(cases, targets, strict=True):
+        if target.exists() and not args.force:
+            print(f"skip {target} (exists, made by this model)")
             continue
         pre = load_case(Case(case.id, case.image, None, case.split), profile.data, modality)
-        probs = predict_proba(net, pre["image"], profile.segment, args.device)[0].cpu()
+        probs = predict_proba(net, pre["image"], profile.segment, device)[0].cpu()
         write_prediction(probs, pre, target)
         print(f"wrote {target}")
     return 0
 
 
-def evaluate_predictions(pred_dir: Path, cases: list[Case], labels: dict[int, str], method: str) -> pd.DataFrame:
-    """Per-case, per-organ Dice/HD95 of ``pred_dir/CASE.nii.gz`` against the cases' labels."""
-    from isl_core.evaluate import evaluate_case
-
-    rows = []
-    for case in cases:
-        pred_path = pred_dir / f"{case.id}.nii.gz"
-        if not pred_path.is_file():
-            raise DatasetError(f"{pred_path}: missing prediction for case {case.id}; run `isl predict` first")
-        truth = nib.load(str(case.label))
-        pred = nib.load(str(pred_path))
-        if pred.shape != truth.shape:
-            raise DatasetError(f"{pred_path}: shape {pred.shape} differs from the label {truth.shape}; "
-                               "predictions must be in the source image's geometry")
-        spacing = tuple(float(s) for s in truth.header.get_zooms()[:3])
-        rows.append(evaluate_case(pred.get_fdata().round().astype(int), truth.get_fdata().round().astype(int),
-                                  labels, spacing, case=case.id, method=method))
-    return pd.concat(rows, ignore_index=True)
-
-
 def evaluate(args: argparse.Namespace) -> int:
-    from isl_core.evaluate import paired_tests_table, summarize, write_csv
+    from isl_core.evaluate import evaluate_predictions, paired_tests_table, summarize
+    from isl_core.runtime import write_csv
 
     ds = load_dataset(args.dataset)
     cases = ds.split(args.split)
+    if not cases:
+        raise DatasetError(f"{ds.root / 'dataset.json'}: no {args.split!r} cases to evaluate against; "
+                           "choose another --split or add labelled cases")
     pred_dir = Path(args.pred_dir)
+    folders = [pred_dir] + ([Path(args.vs)] if args.vs else [])
+    for folder in folders:
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: not a folder of predictions; give the --out folder of `isl predict`")
+    out = _out_folder(args.out) if args.out else pred_dir
     per_case = evaluate_predictions(pred_dir, cases, ds.labels, pred_dir.name)
     if args.vs:
         other = Path(args.vs)
         per_case = pd.concat([per_case, evaluate_predictions(other, cases, ds.labels, f"{other.name} (vs)")])
-    out = Path(args.out) if args.out else pred_dir
     write_csv(per_case, out / "per_case.csv")
     for method, s in summarize(per_case).items():
         print(f"{method}: organ-averaged Dice {s['mean_dice']:.4f}")
@@ -109,13 +142,20 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def experiment(args: argparse.Namespace) -> int:
-    from isl_core.experiment import run_experiment
+    from isl_core import experiment as exp
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    cases = [c.strip() for c in args.cases.split(",")] if args.cases else None
-    summary = run_experiment(args.dataset, args.out, profile=args.profile, methods=methods, model=args.model,
-                             device=args.device, seed=args.seed, rounds=args.rounds, beta=args.beta,
-                             cases=cases, force=args.force)
+    _out_folder(args.out)
+    resolve_device(args.device)
+    refine = {k: v for k, v in (("rounds", args.rounds), ("beta", args.beta)) if v is not None}
+    profile = get_profile(args.profile, **({"refine": refine} if refine else {}))
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
+    if hasattr(exp, "ExperimentSettings"):
+        settings = exp.ExperimentSettings(profile=profile, methods=args.methods, model=args.model, seed=args.seed,
+                                          device=args.device, cases=cases, force=args.force)
+        summary = exp.run_experiment(args.dataset, args.out, settings)
+    else:  # the keyword interface of earlier versions of experiment.py
+        summary = exp.run_experiment(args.dataset, args.out, profile=profile, methods=args.methods, model=args.model,
+                                     device=args.device, seed=args.seed, cases=cases, force=args.force)
     print(f"report: {Path(args.out) / 'report.md'}")
     for name, m in summary["methods"].items():
         print(f"  {name:20s} mean Dice {m['mean_dice']:.4f}   {m['seconds_per_case']:.1f} s/case")
@@ -123,8 +163,15 @@ def experiment(args: argparse.Namespace) -> int:
 
 
 def reproduce(args: argparse.Namespace) -> int:
-    from isl_core.reproduce import run_notebooks
+    from isl_core.reproduce import notebooks, run_notebooks
 
-    only = [s.strip() for s in args.only.split(",")] if args.only else None
+    _out_folder(args.out)
+    resolve_device(args.device)
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    if only:
+        try:
+            notebooks(only)
+        except FileNotFoundError as e:
+            raise UserError(f"--only {args.only}: {e}") from None
     return run_notebooks(out=args.out, profile=args.profile, data=args.data, device=args.device, seed=args.seed,
                          only=only)

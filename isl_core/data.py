@@ -14,7 +14,10 @@ the affines MONAI tracks through the transforms, so they overlay the original sc
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +28,34 @@ import numpy as np
 import torch
 
 from isl_core.config import DataConfig
-from isl_core.runtime import atomic_path
+from isl_core.runtime import DatasetError, atomic_path
+
+__all__ = ["SPLITS", "Case", "Dataset", "DatasetError", "dataset_fingerprint", "load_case", "load_cases",
+           "load_dataset", "open_volume", "read_dataset_json", "read_volume", "to_source_geometry", "validate_case",
+           "write_dataset_json", "write_nifti", "write_prediction"]
 
 SPLITS = ("training", "validation", "test")
 _AFFINE_ATOL_MM = 1e-3  # image and label may differ by float rounding in their headers, not by more
 
+# Resource caps, checked before anything large is allocated. A forged header can claim any shape and a label id
+# sets the size of every one-hot map, so both are bounded; a real dataset that needs more raises them through the
+# environment variable named beside each (read at every check).
+MAX_VOXELS = 2**29  # ISL_MAX_VOXELS: 537 M voxels (2 GiB as float32), e.g. 512 x 512 x 2048
+MAX_LABEL_ID = 255  # ISL_MAX_LABEL_ID: label ids 0..255 (predictions are written as uint8 up to this)
+ALLOW_EXTERNAL_PATHS_ENV = "ISL_ALLOW_EXTERNAL_PATHS"  # "1": dataset.json may point outside its folder
 
-class DatasetError(ValueError):
-    """A dataset folder breaks the contract; the message names the file and says how to fix it."""
+
+def _cap(env: str, default: int) -> int:
+    raw = os.environ.get(env)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise DatasetError(f"environment variable {env}={raw!r}: not an integer") from None
+    if value < 1:
+        raise DatasetError(f"environment variable {env}={raw!r}: must be >= 1")
+    return value
 
 
 @dataclass
@@ -91,14 +114,28 @@ def case_id_from_path(path: str | Path) -> str:
     return Path(name).stem
 
 
-def _entry_paths(root: Path, entry: Any, split: str, json_path: Path) -> tuple[Path, Path | None]:
+def _inside(root: Path, rel: Any, key: str, split: str, json_path: Path, allow_outside: bool) -> Path:
+    """``root / rel``, refusing a non-string path and (unless allowed) one that leads out of the dataset folder."""
+    if not isinstance(rel, str) or not rel:
+        raise DatasetError(f"{json_path}: {key!r} of a {split!r} entry must be a non-empty path string, got {rel!r}")
+    # lexical check: it is the path written in dataset.json that must stay inside (a symlinked folder is fine)
+    path = Path(os.path.normpath(root / rel))
+    if not allow_outside and not path.is_relative_to(root):
+        raise DatasetError(f"{json_path}: {key} path {rel!r} of {split!r} leads outside the dataset folder {root}; "
+                           f"copy the file into the folder, or set {ALLOW_EXTERNAL_PATHS_ENV}=1 to allow it")
+    return path
+
+
+def _entry_paths(root: Path, entry: Any, split: str, json_path: Path, allow_outside: bool = False
+                 ) -> tuple[Path, Path | None]:
     if isinstance(entry, str):  # the Decathlon "test" list may hold bare image paths
-        return root / entry, None
+        return _inside(root, entry, "image", split, json_path, allow_outside), None
     if not isinstance(entry, dict) or "image" not in entry:
         raise DatasetError(f"{json_path}: an entry of {split!r} has no 'image' key ({entry!r}); "
                            "write each case as {\"image\": \"imagesTr/x.nii.gz\", \"label\": \"labelsTr/x.nii.gz\"}")
     label = entry.get("label")
-    return root / entry["image"], (root / label if label else None)
+    image = _inside(root, entry["image"], "image", split, json_path, allow_outside)
+    return image, (_inside(root, label, "label", split, json_path, allow_outside) if label is not None else None)
 
 
 def _parse_labels(raw: Any, json_path: Path) -> dict[int, str]:
@@ -111,20 +148,41 @@ def _parse_labels(raw: Any, json_path: Path) -> dict[int, str]:
         raise DatasetError(f"{json_path}: label ids must be integers ({e}); fix the keys of 'labels'") from None
     if 0 not in labels:
         raise DatasetError(f"{json_path}: 'labels' must declare 0 (background)")
+    cap = _cap("ISL_MAX_LABEL_ID", MAX_LABEL_ID)
+    if min(labels) < 0 or max(labels) > cap:
+        # every one-hot map has max(id) + 1 channels: one stray id like 100000 would need terabytes
+        raise DatasetError(f"{json_path}: label id {max(labels) if max(labels) > cap else min(labels)} is outside "
+                           f"0..{cap}; renumber the labels consecutively (or raise the cap with ISL_MAX_LABEL_ID)")
     return labels
 
 
-def read_dataset_json(folder: str | Path) -> Dataset:
-    """Parse ``dataset.json`` without touching the volumes (see ``load_dataset`` for full validation)."""
+def _allow_outside(allow_outside: bool | None) -> bool:
+    if allow_outside is not None:
+        return allow_outside
+    return os.environ.get(ALLOW_EXTERNAL_PATHS_ENV, "") not in ("", "0")
+
+
+def read_dataset_json(folder: str | Path, allow_outside: bool | None = None) -> Dataset:
+    """Parse ``dataset.json`` without touching the volumes (see ``load_dataset`` for full validation).
+
+    Image and label paths must stay inside the folder unless ``allow_outside`` (default: the environment variable
+    ``ISL_ALLOW_EXTERNAL_PATHS=1``).
+    """
     root = Path(folder).expanduser().resolve()
     json_path = root / "dataset.json"
     if not json_path.is_file():
         raise DatasetError(f"{json_path}: not found; point to a dataset folder with a dataset.json "
                            "(create one with `isl data synth DIR` or `isl data fetch sample --out DIR`)")
     try:
-        raw = json.loads(json_path.read_text())
+        raw = json.loads(json_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DatasetError(f"{json_path}: not UTF-8 text; save the file as UTF-8 JSON") from None
     except (OSError, json.JSONDecodeError) as e:
         raise DatasetError(f"{json_path}: unreadable JSON ({e}); fix or regenerate the file") from None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{json_path}: the top level must be an object with 'labels', 'training', 'validation' "
+                           f"(got a JSON {type(raw).__name__}); see the Decathlon layout in the README")
+    outside = _allow_outside(allow_outside)
     labels = _parse_labels(raw.get("labels"), json_path)
     modality = raw.get("modality", {"0": "CT"})
     modality = modality.get("0", "CT") if isinstance(modality, dict) else str(modality)
@@ -133,8 +191,11 @@ def read_dataset_json(folder: str | Path) -> Dataset:
     seen: dict[str, str] = {}
     for split in SPLITS:
         cases = []
-        for entry in raw.get(split, []) or []:
-            image, label = _entry_paths(root, entry, split, json_path)
+        entries = raw.get(split, []) or []
+        if not isinstance(entries, list):
+            raise DatasetError(f"{json_path}: {split!r} must be a list of cases, got a JSON {type(entries).__name__}")
+        for entry in entries:
+            image, label = _entry_paths(root, entry, split, json_path, outside)
             cid = case_id_from_path(image)
             if cid in seen:
                 raise DatasetError(f"{json_path}: case id {cid!r} appears twice ({seen[cid]} and {split}); "
@@ -152,39 +213,57 @@ def read_dataset_json(folder: str | Path) -> Dataset:
     return Dataset(root, labels, splits["training"], splits["validation"], splits["test"], modality, meta)
 
 
-def _load_volume(path: Path, role: str) -> nib.Nifti1Image:
+def open_volume(path: str | Path, role: str) -> nib.Nifti1Image:
+    """The NIfTI image at ``path`` with only its header read, checked before any voxel is: it exists, parses, is 3-D
+    and holds at most ``ISL_MAX_VOXELS`` voxels (a forged header cannot make the kit allocate gigabytes)."""
+    path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: {role} file not found; fix the path in dataset.json or restore the file")
     try:
-        img = nib.load(str(path))
-        img.get_fdata(dtype=np.float32)  # force a full read: a truncated .gz fails here, not mid-training
+        img = nib.load(str(path))  # parses the header only; voxels are read on demand
     except Exception as e:  # nibabel raises many types for corrupt files
         raise DatasetError(f"{path}: unreadable {role} ({type(e).__name__}: {e}); "
                            "re-export or re-download it") from None
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) != 3:
+        raise DatasetError(f"{path}: expected a 3D volume, got shape {shape}; export a single-channel 3D image")
+    cap = _cap("ISL_MAX_VOXELS", MAX_VOXELS)
+    if min(shape) < 1 or math.prod(shape) > cap:
+        raise DatasetError(f"{path}: the header declares shape {shape} ({math.prod(shape):,} voxels; at most "
+                           f"{cap:,} allowed); the file is damaged or forged (raise ISL_MAX_VOXELS for a real "
+                           "volume this large)")
     return img
+
+
+def read_volume(path: str | Path, role: str) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """``open_volume`` plus all voxels (scaled as the header says); a truncated or corrupt file fails here."""
+    img = open_volume(path, role)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel / gzip / zlib raise many types for corrupt files
+        raise DatasetError(f"{path}: unreadable {role} ({type(e).__name__}: {e}); "
+                           "re-export or re-download it") from None
+    return img, data
 
 
 def validate_case(case: Case, labels: dict[int, str]) -> None:
     """Raise ``DatasetError`` naming the file if the case breaks the contract."""
-    img = _load_volume(case.image, "image")
-    data = np.asanyarray(img.dataobj)
-    if data.ndim != 3:
-        raise DatasetError(f"{case.image}: expected a 3D volume, got shape {data.shape}; "
-                           "export a single-channel 3D image")
+    img, data = read_volume(case.image, "image")
+    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+        raise DatasetError(f"{case.image}: voxel type {data.dtype} is not a real number; save a scalar image")
     if not np.isfinite(data).all():
         n = int((~np.isfinite(data)).sum())
         raise DatasetError(f"{case.image}: {n} NaN/inf voxels; replace them (e.g. with the air value) "
                            "before using the image")
     if case.label is None:
         return
-    lab = _load_volume(case.label, "label")
+    lab, values = read_volume(case.label, "label")
     if lab.shape != img.shape:
         raise DatasetError(f"{case.label}: label shape {lab.shape} differs from image shape {img.shape} "
                            f"({case.image.name}); resample the label onto the image grid")
     if not np.allclose(lab.affine, img.affine, atol=_AFFINE_ATOL_MM):
         raise DatasetError(f"{case.label}: label affine differs from the image affine of {case.image.name}; "
                            "the label must be saved in the image's geometry (same origin, spacing, direction)")
-    values = np.asanyarray(lab.dataobj)
     if not np.isfinite(values).all() or not np.all(np.equal(np.mod(values, 1), 0)):
         raise DatasetError(f"{case.label}: label values must be integers; save the label map as an integer type")
     unknown = sorted(set(np.unique(values).astype(int).tolist()) - set(labels))
@@ -193,13 +272,33 @@ def validate_case(case: Case, labels: dict[int, str]) -> None:
                            f"(declared: {sorted(labels)}); declare them or remap the label map")
 
 
-def load_dataset(folder: str | Path, validate: bool = True) -> Dataset:
-    """Read and fully validate a dataset folder; every problem is reported before any work starts."""
-    ds = read_dataset_json(folder)
+def load_dataset(folder: str | Path, validate: bool = True, allow_outside: bool | None = None) -> Dataset:
+    """Read and fully validate a dataset folder; every problem is reported before any work starts.
+
+    ``allow_outside``: see :func:`read_dataset_json`.
+    """
+    ds = read_dataset_json(folder, allow_outside)
     if validate:
         for case in ds.training + ds.validation + ds.test:
             validate_case(case, ds.labels)
     return ds
+
+
+def dataset_fingerprint(ds: Dataset) -> str:
+    """A content stamp of a dataset folder: ``dataset.json``'s bytes plus every case file's path, size and mtime.
+
+    Sizes and modification times (not checksums) keep it instant on a 30 GB cohort; a file rewritten in place
+    (``isl data synth --force``, a re-download) changes its mtime, so a regenerated dataset never passes for the
+    old one. Copies made with ``cp -p`` / ``shutil.copytree`` keep the stamp. 32 hex characters.
+    """
+    h = hashlib.sha256((ds.root / "dataset.json").read_bytes())
+    for case in ds.training + ds.validation + ds.test:
+        for path in (case.image, case.label):
+            if path is None:
+                continue
+            st = Path(path).stat()
+            h.update(f"\0{os.path.relpath(path, ds.root)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
 
 
 # --------------------------------------------------------------------------------------------- preprocessing
@@ -238,14 +337,19 @@ def preprocess_transform(cfg: DataConfig, modality: str = "CT", with_label: bool
 def load_case(case: Case, cfg: DataConfig, modality: str = "CT") -> dict[str, Any]:
     """One preprocessed case: ``image`` (1,*shape) float in [0,1]; ``label`` (1,*shape) float if labelled.
 
-    Tensors are MONAI ``MetaTensor``s that carry their affine; ``id`` and source paths come along.
+    The tensors are plain ``torch.Tensor``s: MONAI's metadata is dropped here, at the data boundary, so no stage
+    downstream has to strip it. What the way back needs comes along: ``affine`` (4x4 float64, the working grid's
+    voxel-to-world matrix, for ``to_source_geometry``), ``source_image`` (the original file) and ``id``.
     """
     with_label = case.label is not None
     out = preprocess_transform(cfg, modality, with_label)(case.as_dict())
+    image = out["image"]
+    out["affine"] = torch.as_tensor(image.affine, dtype=torch.float64).clone()
+    out["image"] = image.as_tensor()
     out["id"] = case.id
     out["source_image"] = str(case.image)
     if with_label:
-        out["label"] = out["label"].round()
+        out["label"] = out["label"].round().as_tensor()
     return out
 
 
@@ -255,9 +359,9 @@ def load_cases(cases: Sequence[Case], cfg: DataConfig, modality: str = "CT") -> 
 
 def stack_cases(cases: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Batch tensors (N,1,*shape) images and (N,*shape) int64 labels from preprocessed cases."""
-    images = torch.stack([torch.as_tensor(c["image"]).as_subclass(torch.Tensor) for c in cases])
+    images = torch.stack([torch.as_tensor(c["image"]) for c in cases])
     if all("label" in c for c in cases):
-        labels = torch.stack([torch.as_tensor(c["label"])[0].as_subclass(torch.Tensor).long() for c in cases])
+        labels = torch.stack([torch.as_tensor(c["label"])[0].long() for c in cases])
         return images, labels
     return images, None
 
@@ -266,22 +370,24 @@ def stack_cases(cases: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Te
 def to_source_geometry(probs: torch.Tensor, reference: dict[str, Any]) -> np.ndarray:
     """Resample class probabilities (C,*shape) on the preprocessed grid into the source image's voxel grid.
 
-    ``reference`` is the preprocessed case (its ``image`` carries the working-grid affine) from
-    ``load_case``. Probabilities are resampled linearly and then arg-maxed: interpolating one-hot maps
-    gives smoother organ boundaries than nearest-neighbour resampling of the label map.
+    ``reference`` is the preprocessed case from ``load_case`` (its ``affine`` is the working grid's).
+    Probabilities are resampled linearly and then arg-maxed: interpolating one-hot maps gives smoother organ
+    boundaries than nearest-neighbour resampling of the label map.
     Returns the integer label map in the source geometry (shape and affine of ``reference['source_image']``).
     """
     from monai.data import MetaTensor
     from monai.transforms import SpatialResample
 
     src = nib.load(reference["source_image"])
-    work_affine = torch.as_tensor(reference["image"].affine, dtype=torch.float64)
-    # a plain tensor first: a MetaTensor input would keep its own affine and warn that it is overwritten
-    plain = torch.as_tensor(probs, dtype=torch.float32).detach().cpu().as_subclass(torch.Tensor)
-    probs = MetaTensor(plain, affine=work_affine)
+    work = reference["affine"] if "affine" in reference else reference["image"].affine
+    if isinstance(probs, MetaTensor):  # it would keep its own affine and warn that it is overwritten
+        probs = probs.as_tensor()
+    plain = torch.as_tensor(probs, dtype=torch.float32).detach().cpu()
+    probs = MetaTensor(plain, affine=torch.as_tensor(work, dtype=torch.float64))
     out = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)(
         probs, dst_affine=torch.as_tensor(src.affine, dtype=torch.float64), spatial_size=src.shape[:3])
-    out = torch.as_tensor(out).as_subclass(torch.Tensor)
+    if isinstance(out, MetaTensor):  # its metadata is not needed past this line
+        out = out.as_tensor()
     # voxels outside the working grid received no probability at all: they are background
     out[0] += (out.sum(0) < 1e-6).float()
     return out.argmax(0).numpy().astype(np.uint8 if probs.shape[0] < 256 else np.int16)

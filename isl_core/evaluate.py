@@ -37,22 +37,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from isl_core.runtime import atomic_path
-
 __all__ = [
     "ORGAN_COLUMNS",
     "PER_CASE_COLUMNS",
     "case_means",
     "dice_score",
     "evaluate_case",
+    "evaluate_predictions",
     "hausdorff_mm",
-    "json_safe",
     "mean_dice",
     "organ_metrics",
     "paired_tests",
     "paired_tests_table",
     "summarize",
-    "write_csv",
 ]
 
 ORGAN_COLUMNS = ["organ", "label", "dice", "hd95_mm", "in_truth", "in_pred"]
@@ -413,7 +410,7 @@ def summarize(per_case: pd.DataFrame) -> dict[str, dict[str, Any]]:
 
     ``{method: {"mean_dice": mean over cases of the organ-averaged Dice, "per_organ_dice": {organ: mean over the
     cases where that organ's Dice is defined}, "n_cases": int}}``, plus ``mean_hd95_mm`` / ``per_organ_hd95_mm``
-    (same recipe) when the table has an ``hd95_mm`` column. Undefined values stay NaN (see :func:`json_safe`).
+    (same recipe) when the table has an ``hd95_mm`` column. Undefined values stay NaN (see ``runtime.json_safe``).
     Note the two Dice numbers differ on purpose: ``mean_dice`` weights every case equally (the paper's number),
     the per-organ means weight every case where the organ exists.
     """
@@ -437,31 +434,78 @@ def summarize(per_case: pd.DataFrame) -> dict[str, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# output
+# prediction files against a dataset
+
+_AFFINE_ATOL_MM = 1e-3  # as in data.py: headers may differ by float rounding, not by more
 
 
-def write_csv(df: pd.DataFrame, path: str | Path) -> None:
-    """Write ``df`` (no index) atomically: temporary file in the same folder, then ``os.replace``.
+def _integer_labels(data: np.ndarray, path: Path, role: str) -> np.ndarray:
+    """The voxels of a label file as int64; a file holding anything but whole numbers is refused, naming it."""
+    from isl_core.data import DatasetError
 
-    Undefined values are written as ``NaN`` (not an empty cell), so a reader sees "undefined" rather than
-    "missing", and ``pd.read_csv`` reads them back as NaN.
+    if data.dtype.kind in "iub":
+        return data.astype(np.int64)
+    if data.dtype.kind != "f" or not np.isfinite(data).all() or not np.array_equal(data, np.round(data)):
+        raise DatasetError(f"{path}: the {role} is not an integer label map (dtype {data.dtype}); write the arg-max "
+                           "of the class probabilities as integers")
+    return np.rint(data).astype(np.int64)
+
+
+def _onto_label_grid(pred_img, pred: np.ndarray, truth_img, pred_path: Path, label_path: Path) -> np.ndarray:
+    """``pred`` in the label's voxel order, so that voxel i of both arrays is the same point in the world.
+
+    A prediction stored in another orientation (LAS instead of RAS, permuted axes) is the same map in world space;
+    comparing arrays voxel by voxel would score it against the wrong anatomy. Such a grid is reoriented exactly
+    (flips and axis permutations, no interpolation, with nibabel's orientation tools); a grid that differs in
+    any other way (spacing, origin, shape) is refused rather than resampled, since the kit writes predictions
+    in the source image's geometry and anything else points to a mix-up of files.
     """
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, na_rep="NaN")
+    from nibabel import orientations as ornt
+
+    from isl_core.data import DatasetError
+
+    if pred.shape == truth_img.shape and np.allclose(pred_img.affine, truth_img.affine, atol=_AFFINE_ATOL_MM):
+        return pred
+    transform = ornt.ornt_transform(ornt.io_orientation(pred_img.affine), ornt.io_orientation(truth_img.affine))
+    moved = ornt.apply_orientation(pred, transform)
+    affine = pred_img.affine @ ornt.inv_ornt_aff(transform, pred.shape)
+    if moved.shape == truth_img.shape and np.allclose(affine, truth_img.affine, atol=_AFFINE_ATOL_MM):
+        return moved
+    pa, ta = np.round(pred_img.affine, 3).tolist(), np.round(truth_img.affine, 3).tolist()
+    raise DatasetError(f"{pred_path}: its voxel grid (shape {tuple(pred.shape)}, affine {pa}) is not the grid of the "
+                       f"label {label_path} (shape {tuple(truth_img.shape)}, affine {ta}), even after reorientation; "
+                       "predictions must be written in the source image's geometry")
 
 
-def json_safe(obj: Any) -> Any:
-    """Replace NaN / inf floats by ``None`` (recursively), because ``json.dumps`` would write the non-standard
-    tokens ``NaN`` / ``Infinity`` that strict JSON readers (browsers, ``jq``) reject."""
-    if isinstance(obj, Mapping):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
+def evaluate_predictions(pred_dir: str | Path, cases: Sequence[Any], labels: Mapping[int, str], method: str,
+                         hd95: bool = True) -> pd.DataFrame:
+    """Per-case, per-organ Dice/HD95 of ``pred_dir/CASE.nii.gz`` against the labels of ``cases`` (``data.Case``).
+
+    The one place where prediction files meet a dataset's labels: both are compared in world space (a prediction
+    in another orientation is reoriented onto the label's grid, see :func:`_onto_label_grid`), and every problem
+    (a missing or corrupt prediction, another grid, unknown label ids) raises ``DatasetError`` naming the file.
+    Returns the long table of :func:`evaluate_case` rows (``PER_CASE_COLUMNS``), cases in the given order.
+    """
+    from isl_core.data import DatasetError, read_volume
+
+    pred_dir = Path(pred_dir)
+    if not cases:
+        raise DatasetError(f"{pred_dir}: no labelled cases to evaluate the predictions against")
+    rows = []
+    for case in cases:
+        if case.label is None:
+            raise DatasetError(f"case {case.id} ({case.image}) has no label; only labelled cases can be evaluated")
+        pred_path = pred_dir / f"{case.id}.nii.gz"
+        if not pred_path.is_file():
+            raise DatasetError(f"{pred_path}: missing prediction for case {case.id}; run `isl predict` first")
+        truth_img, truth = read_volume(case.label, "label")
+        pred_img, pred = read_volume(pred_path, "prediction")
+        pred = _onto_label_grid(pred_img, _integer_labels(pred, pred_path, "prediction"), truth_img, pred_path,
+                                Path(case.label))
+        spacing = tuple(float(s) for s in truth_img.header.get_zooms()[:3])
+        try:
+            rows.append(evaluate_case(pred, _integer_labels(truth, Path(case.label), "label"), labels, spacing,
+                                      case=case.id, method=method, hd95=hd95))
+        except ValueError as e:
+            raise DatasetError(f"{pred_path} vs {case.label}: {e}") from None
+    return pd.concat(rows, ignore_index=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,24 +116,55 @@ def _tube(q: np.ndarray, start, end, radius) -> np.ndarray:
     return (((q - (a + t * ab)) ** 2).sum(0)) <= radius**2
 
 
-def _jittered_organs(rng: np.random.Generator, drop_gallbladder: bool) -> list[tuple[int, str, tuple, Any]]:
-    """Per-subject organ table: every organ moved by ~4 mm and resized by up to +-12 %."""
+@dataclass
+class Variation:
+    """How much subjects differ anatomically (inter-subject variation of the phantoms).
+
+    The defaults are the kit's original phantoms (organ positions vary by about 4 mm, the elastic field by up to
+    8 mm); ``VARIATIONS["inter-patient"]`` is closer to the variation between real abdominal CT scans.
+    """
+
+    elastic_mm: float = 8.0  # largest displacement of the smooth random elastic field
+    organ_jitter_mm: float = 4.0  # standard deviation of each organ's own shift
+    size_spread: float = 0.12  # ellipsoid semi-axes scaled by U(1 - s, 1 + s); tube radii by U(1 - 1.25 s, 1 + 1.25 s)
+    gallbladder_absent: float = 0.2  # share of subjects without a gallbladder (after cholecystectomy)
+
+    def __post_init__(self) -> None:
+        for name in ("elastic_mm", "organ_jitter_mm", "size_spread", "gallbladder_absent"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+                raise ValueError(f"Variation.{name} = {value!r}: must be a finite number >= 0")
+        if self.size_spread >= 0.8 or self.gallbladder_absent > 1:
+            raise ValueError(f"Variation: size_spread must be < 0.8 and gallbladder_absent <= 1, got {self}")
+
+
+#: Named anatomical variations of ``isl data synth --variation``.
+VARIATIONS: dict[str, Variation] = {
+    "default": Variation(),
+    "inter-patient": Variation(elastic_mm=20.0, organ_jitter_mm=8.0, size_spread=0.2, gallbladder_absent=0.1),
+}
+
+
+def _jittered_organs(rng: np.random.Generator, drop_gallbladder: bool, variation: Variation
+                     ) -> list[tuple[int, str, tuple, Any]]:
+    """Per-subject organ table: every organ moved by ``organ_jitter_mm`` (sd) and resized by ``size_spread``."""
+    s = variation.size_spread
     organs = []
     for label, kind, where, extent in _ORGANS:
         if label == 4 and drop_gallbladder:
             continue
-        shift = rng.normal(0, 4.0, 3)
+        shift = rng.normal(0, variation.organ_jitter_mm, 3)
         if kind == "ellipsoid":
-            semi = tuple(np.multiply(extent, rng.uniform(0.88, 1.12, 3)))
+            semi = tuple(np.multiply(extent, rng.uniform(1 - s, 1 + s, 3)))
             organs.append((label, kind, tuple(np.add(where, shift)), semi))
         else:
             ends = (tuple(np.add(where[0], shift)), tuple(np.add(where[1], shift)))
-            organs.append((label, kind, ends, extent * rng.uniform(0.85, 1.15)))
+            organs.append((label, kind, ends, extent * rng.uniform(1 - 1.25 * s, 1 + 1.25 * s)))
     return organs
 
 
 def draw_subject(rng: np.random.Generator, size: tuple[int, int, int], shift: ShiftSpec | None,
-                 elastic_mm: float = 8.0) -> dict[str, Any]:
+                 variation: Variation | None = None) -> dict[str, Any]:
     """One subject: ``image`` (HU, float32), ``label`` (uint8), ``affine`` and the true deformation.
 
     The deformation maps each voxel's world position p to canonical-body coordinates
@@ -147,7 +178,8 @@ def draw_subject(rng: np.random.Generator, size: tuple[int, int, int], shift: Sh
     world = np.einsum("ij,j...->i...", affine[:3, :3], idx) + affine[:3, 3, None, None, None]
     body_scale = 1.0 + 0.12 * s.body
     subject_affine = _random_affine(rng, body_scale)
-    elastic = _smooth_field(rng, size, elastic_mm)
+    variation = variation or Variation()
+    elastic = _smooth_field(rng, size, variation.elastic_mm)
     inv = np.linalg.inv(subject_affine)
     p = world + elastic
     q = np.einsum("ij,j...->i...", inv[:3, :3], p) + inv[:3, 3, None, None, None]
@@ -168,7 +200,7 @@ def draw_subject(rng: np.random.Generator, size: tuple[int, int, int], shift: Sh
     image[((q[0] / 18) ** 2 + ((q[1] + 62) / 18) ** 2) <= 1] = hu["bone"]
     image[((q[0] / 7) ** 2 + ((q[1] + 86) / 7) ** 2) <= 1] = hu["spinal_canal"]
 
-    for lab, kind, a, b in _jittered_organs(rng, drop_gallbladder=rng.random() < 0.2):
+    for lab, kind, a, b in _jittered_organs(rng, rng.random() < variation.gallbladder_absent, variation):
         mask = _ellipsoid(q, a, b) if kind == "ellipsoid" else _tube(q, a[0], a[1], b)
         mask &= r_inner <= 0.9
         label[mask] = lab
@@ -192,10 +224,40 @@ class CohortSpec:
     shift: float = 1.0
     size: tuple[int, int, int] = DEFAULT_SIZE
     seed: int = 0
+    variation: Variation = field(default_factory=Variation)
+    anatomy: str = "phantom"  # "phantom" (drawn analytically) or "sample" (the real CT of `isl data fetch sample`)
+    sample_dir: str | None = None  # anatomy "sample": the folder `isl data fetch sample --out DIR` wrote
+
+    def __post_init__(self) -> None:
+        for name, low in (("n_train", 1), ("n_val", 0), ("n_test", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"CohortSpec.{name} = {value!r}: must be an integer >= {low}")
+        if not (isinstance(self.shift, (int, float)) and np.isfinite(self.shift)):
+            raise ValueError(f"CohortSpec.shift = {self.shift!r}: must be a finite number")
+        if len(self.size) != 3 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in self.size):
+            raise ValueError(f"CohortSpec.size = {self.size!r}: must be three integers > 0")
+        if self.anatomy not in ("phantom", "sample"):
+            raise ValueError(f"CohortSpec.anatomy = {self.anatomy!r}; choose 'phantom' or 'sample'")
+        if self.anatomy == "sample" and not self.sample_dir:
+            raise ValueError("anatomy 'sample' needs sample_dir: the folder of `isl data fetch sample --out DIR`")
 
     def fingerprint(self) -> str:
         doc = {**asdict(self), "generator": PHANTOM_VERSION}
+        # settings at their original defaults stay out, so cohorts written before they existed are still recognised
+        for key, default in (("variation", asdict(Variation())), ("anatomy", "phantom"), ("sample_dir", None)):
+            if doc[key] == default:
+                del doc[key]
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+    def drawer(self):
+        """``draw(rng, shift) -> subject`` for this cohort's anatomy (a phantom, or the real sample CT deformed)."""
+        if self.anatomy == "sample":
+            from isl_core.sample_anatomy import draw_sample_subject, load_template
+
+            template = load_template(self.sample_dir)
+            return lambda rng, shift: draw_sample_subject(rng, template, shift, self.variation)
+        return lambda rng, shift: draw_subject(rng, tuple(self.size), shift, self.variation)
 
 
 def cohort_for_profile(profile: str, seed: int = 0) -> CohortSpec:
@@ -207,41 +269,61 @@ def write_cohort(out: str | Path, spec: CohortSpec | None = None, force: bool = 
     """Write the cohort in the dataset contract; returns the folder. Deterministic given ``spec``.
 
     A folder that already holds the same cohort (same spec) is left as it is; a folder holding anything
-    else is never overwritten unless ``force``.
+    else is never overwritten unless ``force``. An interrupted run resumes: ``phantom_spec.partial.json`` (written
+    first) marks the folder as this cohort in progress, every case file is written atomically, cases whose files
+    are all there are skipped (each case has its own random stream, so skipping changes no other case), and
+    ``phantom_spec.json`` is written last.
     """
     from isl_core.data import write_dataset_json, write_nifti
+    from isl_core.runtime import DatasetError, atomic_path, read_json, write_json
 
     spec = spec or CohortSpec()
     out = Path(out).expanduser().resolve()
-    stamp = out / "phantom_spec.json"
-    if not force and stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == spec.fingerprint() \
-            and (out / "dataset.json").is_file():
+    stamp, partial = out / "phantom_spec.json", out / "phantom_spec.partial.json"
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out}: exists and is not a folder; give a folder path for the cohort")
+    doc = {"fingerprint": spec.fingerprint(), **asdict(spec)}
+    if not force and stamp.is_file() and (out / "dataset.json").is_file() \
+            and read_json(stamp, "cohort stamp").get("fingerprint") == spec.fingerprint():
         return out
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out}: folder exists and is not this synthetic cohort; choose an empty folder "
-                              "or pass --force to overwrite it")
+    resuming = partial.is_file() and read_json(partial, "cohort stamp").get("fingerprint") == spec.fingerprint()
+    if out.exists() and any(out.iterdir()) and not force and not resuming:
+        what = ("an interrupted cohort of other settings (see phantom_spec.partial.json): rerun with those settings to "
+                "finish it, choose an empty folder," if partial.is_file() else
+                "not this synthetic cohort; choose an empty folder")
+        raise FileExistsError(f"{out}: folder exists and is {what} or pass --force to overwrite it")
+    stamp.unlink(missing_ok=True)  # a stale final stamp must not outlive the cohort it described
+    write_json(partial, doc)
     rng_root = np.random.SeedSequence(spec.seed)
     entries: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
     plan = [("training", "train", spec.n_train, None), ("validation", "val", spec.n_val, spec.shift),
             ("test", "test", spec.n_test, spec.shift)]
     children = iter(rng_root.spawn(spec.n_train + spec.n_val + spec.n_test))
+    draw = spec.drawer()
     for split, tag, n, shift in plan:
         img_dir, lab_dir = ("imagesTr", "labelsTr") if split != "test" else ("imagesTs", "labelsTs")
         for i in range(n):
             cid = f"synth_{tag}_{i:03d}"
-            subj = draw_subject(np.random.default_rng(next(children)), tuple(spec.size),
-                                ShiftSpec.scaled(shift) if shift is not None else None)
-            write_nifti(np.round(subj["image"]).astype(np.int16), subj["affine"], out / img_dir / f"{cid}.nii.gz")
-            write_nifti(subj["label"], subj["affine"], out / lab_dir / f"{cid}.nii.gz")
-            (out / "deformations").mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(out / "deformations" / f"{cid}.npz", subject_affine=subj["subject_affine"],
-                                elastic_mm=subj["elastic_mm"].astype(np.float16))
+            child = next(children)
+            files = (out / img_dir / f"{cid}.nii.gz", out / lab_dir / f"{cid}.nii.gz", out / "deformations" /
+                     f"{cid}.npz")
+            if not (resuming and not force and all(f.is_file() for f in files)):
+                subj = draw(np.random.default_rng(child), ShiftSpec.scaled(shift) if shift is not None else None)
+                write_nifti(np.round(subj["image"]).astype(np.int16), subj["affine"], files[0])
+                write_nifti(subj["label"], subj["affine"], files[1])
+                with atomic_path(files[2]) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
+                    np.savez_compressed(f, subject_affine=subj["subject_affine"],
+                                        elastic_mm=subj["elastic_mm"].astype(np.float16))
             entry = {"image": f"{img_dir}/{cid}.nii.gz", "label": f"{lab_dir}/{cid}.nii.gz"}
             entries[split].append(entry if split != "test" else entry["image"])
     write_dataset_json(out, BTCV_LABELS, entries["training"], entries["validation"], entries["test"],
-                       name="isl-kit synthetic abdomen",
-                       description="Synthetic abdominal CT phantoms; validation/test cases carry a domain shift "
-                                   f"of strength {spec.shift} (contrast phase, noise, blur, body size).",
-                       licence="CC0-1.0 (generated by isl-kit)", tensorImageSize="3D")
-    stamp.write_text(json.dumps({"fingerprint": spec.fingerprint(), **asdict(spec)}, indent=2) + "\n")
+                       name="isl-kit synthetic abdomen" + (" (sample anatomy)" if spec.anatomy == "sample" else ""),
+                       description=("Subjects deformed from the real CT of `isl data fetch sample`"
+                                    if spec.anatomy == "sample" else "Synthetic abdominal CT phantoms")
+                       + f"; validation/test cases carry a domain shift of strength {spec.shift} (contrast phase, "
+                         "noise, blur, body size).",
+                       licence="Apache-2.0 (derived from the TotalSegmentator sample CT)" if spec.anatomy == "sample"
+                       else "CC0-1.0 (generated by isl-kit)", tensorImageSize="3D")
+    write_json(stamp, doc)
+    partial.unlink()
     return out

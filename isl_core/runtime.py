@@ -1,16 +1,42 @@
-"""Run-time plumbing shared by every stage: device choice, seeding, atomic file writes."""
+"""Run-time plumbing shared by every stage: device choice, seeding, errors for the user, safe file I/O.
+
+File writing lives here (``atomic_path``, ``write_json``, ``write_text``, ``write_csv``, ``read_json``) so that every
+file the kit writes is complete or absent, and every file it reads that turns out broken stops the run with one
+message naming the file.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, an option out of range, an output folder that belongs to another run).
+
+    The ``isl`` command prints the message as one line ``isl: error: ...`` and exits with status 2; the message
+    names the file or option and says what to do.
+    """
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset folder or a file the kit reads breaks the contract; the message names the file and the fix."""
+
+
+class DeviceError(UserError, RuntimeError):
+    """The requested device is not available on this machine."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -24,8 +50,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but no CUDA GPU is visible; use --device auto or cpu")
-    return torch.device(device)
+        raise DeviceError(f"--device {device} was requested but no CUDA GPU is visible; use --device auto or cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise DeviceError("--device mps was requested but no Apple GPU is visible; use --device auto or cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise DeviceError(f"--device {device!r}: not a device name; use auto, cpu, cuda or cuda:N") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -37,11 +68,20 @@ def seed_everything(seed: int) -> None:
     set_determinism(seed=seed, use_deterministic_algorithms=None)
 
 
+def _umask() -> int:
+    # os.umask is the only portable way to read the mask: set it and put it straight back
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yields a temporary path next to ``path``; renames it onto ``path`` only if the block succeeds.
 
-    A crash mid-write therefore never leaves a truncated result behind.
+    A crash mid-write therefore never leaves a truncated result behind. The file gets the permissions an ordinary
+    ``open()`` would give it (0666 minus the umask): ``mkstemp`` creates it private (0600), which would hide
+    results from the other members of a shared project folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,6 +90,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -64,3 +105,47 @@ def write_json(path: str | Path, obj: Any) -> None:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The parsed JSON file ``path``; a missing, unreadable or truncated file raises ``DatasetError`` naming it.
+
+    ``what`` says what the file is for the message, e.g. ``"run configuration"`` or ``"case result"``.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: {what} is not UTF-8 text; restore or regenerate the file") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: {what} is not valid JSON ({e.msg}, line {e.lineno}); the file is damaged or "
+                           "truncated: restore it, or remove it so the kit regenerates it") from None
+
+
+def write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    """Write ``df`` (no index) atomically: temporary file in the same folder, then ``os.replace``.
+
+    Undefined values are written as ``NaN`` (not an empty cell), so a reader sees "undefined" rather than
+    "missing", and ``pd.read_csv`` reads them back as NaN.
+    """
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, na_rep="NaN")
+
+
+def json_safe(obj: Any) -> Any:
+    """Replace NaN / inf floats by ``None`` (recursively), because ``json.dumps`` would write the non-standard
+    tokens ``NaN`` / ``Infinity`` that strict JSON readers (browsers, ``jq``) reject."""
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj

@@ -11,8 +11,10 @@ Stage 3 fine-tunes a copy of this network; it reuses ``loss_function``, ``train_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from isl_core.config import Profile, SegmentConfig
-from isl_core.runtime import atomic_path, resolve_device, write_json
+from isl_core.runtime import DatasetError, UserError, atomic_path, read_json, resolve_device, write_json
 
 CHECKPOINT = "checkpoint.pt"  # resumable training state, rewritten every `checkpoint_every` steps
 MODEL = "model.pt"  # the final network weights
@@ -80,7 +82,7 @@ def predict_proba(net: nn.Module, images: torch.Tensor, cfg: SegmentConfig, devi
     from monai.inferers import sliding_window_inference
 
     device = resolve_device(device)
-    images = torch.as_tensor(images).as_subclass(torch.Tensor)
+    images = torch.as_tensor(images)
     if images.ndim == 4:
         images = images[None]
     net.eval()
@@ -99,6 +101,9 @@ def _train_transform(cfg: SegmentConfig):
                                        pos=cfg.pos_neg_ratio, neg=1.0, num_samples=cfg.num_samples,
                                        allow_smaller=True),
              mt.SpatialPadd(keys=keys, spatial_size=cfg.patch_size)]
+    # MONAI's transforms return MetaTensors; the network needs none of their metadata, so the batches are plain
+    # tensors like everything else past the data boundary (EnsureTyped draws no random number: same patches)
+    tail = [mt.EnsureTyped(keys=keys, track_meta=False)]
     if cfg.augment:
         # no flips: left and right organs (kidneys, adrenals) carry different labels
         steps += [
@@ -109,15 +114,14 @@ def _train_transform(cfg: SegmentConfig):
             mt.RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
             mt.RandGaussianNoised(keys="image", std=0.02, prob=0.3),
         ]
-    return mt.Compose(steps)
+    return mt.Compose(steps + tail)
 
 
 def _batches(cases: Sequence[dict[str, Any]], cfg: SegmentConfig, seed: int):
     """An endless stream of (images, labels) batches of patches from preprocessed cases."""
     from monai.data import DataLoader, Dataset
 
-    plain = [{"image": c["image"].as_tensor() if hasattr(c["image"], "as_tensor") else c["image"],
-              "label": c["label"].as_tensor() if hasattr(c["label"], "as_tensor") else c["label"]} for c in cases]
+    plain = [{"image": c["image"], "label": c["label"]} for c in cases]
     ds = Dataset(plain, transform=_train_transform(cfg))
     ds_transform = ds.transform
     if hasattr(ds_transform, "set_random_state"):
@@ -127,12 +131,16 @@ def _batches(cases: Sequence[dict[str, Any]], cfg: SegmentConfig, seed: int):
                         generator=gen, drop_last=False)
     while True:
         for batch in loader:
-            # MONAI's transforms return MetaTensors; the network needs none of their metadata, so it computes
-            # on plain tensors like every other stage of the kit (measured: same losses, same step time on the CPU)
-            yield batch["image"].as_subclass(torch.Tensor), batch["label"].as_subclass(torch.Tensor)
+            yield batch["image"], batch["label"]
 
 
 def _schedule(cfg: SegmentConfig, total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up from 1/W, then a cosine from 1 down to a 2 % floor.
+
+    Hand-written because ``monai.optimizers.WarmupCosineSchedule`` cannot express it: its warm-up starts at
+    ``warmup_multiplier`` + a step/W ramp (not (step + 1)/W) and its ``end_lr`` clamps the cosine instead of
+    rescaling it onto [0.02, 1], so every learning rate (and the trained weights) would change.
+    """
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / max(cfg.warmup_steps, 1)
@@ -144,17 +152,24 @@ def _schedule(cfg: SegmentConfig, total_steps: int) -> Callable[[int], float]:
 @torch.no_grad()
 def validation_dice(net: nn.Module, cases: Sequence[dict[str, Any]], cfg: SegmentConfig, num_classes: int,
                     device: torch.device) -> float:
-    """Organ-averaged Dice over labelled cases (organs absent from both are ignored), for progress reports."""
-    from monai.metrics import DiceMetric
+    """Mean over labelled cases of the organ-averaged Dice on the working grid, for progress reports.
 
-    metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)
+    The Dice rules are the results' (``evaluate.organ_metrics`` / ``mean_dice``): an organ absent from both maps
+    is undefined and left out, one found on only one side scores 0, so a training curve and a results table
+    measure the same thing. HD95 is skipped (slow, and not needed for a progress report).
+    """
+    import numpy as np
+
+    from isl_core.evaluate import mean_dice, organ_metrics
+
+    organs = {k: str(k) for k in range(1, num_classes)}
+    scores = []
     for c in cases:
-        probs = predict_proba(net, c["image"], cfg, device)
-        pred = torch.nn.functional.one_hot(probs.argmax(1), num_classes).permute(0, 4, 1, 2, 3)
-        truth = torch.nn.functional.one_hot(torch.as_tensor(c["label"]).as_subclass(torch.Tensor)[0].long().to(
-            device)[None], num_classes).permute(0, 4, 1, 2, 3)
-        metric(pred, truth)
-    return float(metric.aggregate().item())
+        pred = predict_proba(net, c["image"], cfg, device).argmax(1)[0].cpu().numpy()
+        truth = torch.as_tensor(c["label"])[0].long().cpu().numpy()
+        scores.append(mean_dice(organ_metrics(pred, truth, organs, (1.0,) * truth.ndim, hd95=False)))
+    defined = [s for s in scores if not math.isnan(s)]
+    return float(np.mean(defined)) if defined else math.nan
 
 
 @dataclass
@@ -171,11 +186,37 @@ def _save_checkpoint(out: Path, net, opt, sched, state: TrainState) -> None:
                     "history": json.dumps(state.history)}, tmp)
 
 
+def _torch_load(path: Path, device: torch.device | str, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into one message naming the file.
+
+    PyTorch's own refusal of a file holding Python objects suggests ``weights_only=False``, i.e. running whatever
+    code the file carries; the kit never does that, so the message says instead that this is not a kit file.
+    """
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise DatasetError(f"{path}: not an isl-kit {what}: it holds Python objects besides tensors, which the kit "
+                           "refuses to load (they could run code); use a file written by `isl train`") from None
+    except (EOFError, RuntimeError, KeyError, ValueError, OSError) as e:
+        raise DatasetError(f"{path}: unreadable {what} ({type(e).__name__}: {str(e)[:120] or 'empty file'}); it is "
+                           "damaged or truncated: remove it (training restarts) or restore it") from None
+
+
+def _load_state(module, state: Any, path: Path, what: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"{path}: the {what} does not fit the network of {path.parent / CONFIG} "
+                           f"({str(e).splitlines()[0][:160]}); use the files of one run together") from None
+
+
 def _load_checkpoint(path: Path, net, opt, sched, device) -> TrainState:
-    ck = torch.load(path, map_location=device, weights_only=True)
-    net.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
+    ck = _torch_load(path, device, "training checkpoint")
+    if not isinstance(ck, dict) or not {"model", "optimizer", "scheduler", "step", "history"} <= set(ck):
+        raise DatasetError(f"{path}: not an isl-kit training checkpoint (keys missing); remove it to restart")
+    _load_state(net, ck["model"], path, "checkpoint")
+    _load_state(opt, ck["optimizer"], path, "optimiser state")
+    _load_state(sched, ck["scheduler"], path, "schedule state")
     return TrainState(int(ck["step"]), json.loads(ck["history"]), float(ck.get("seconds", 0.0)))
 
 
@@ -184,14 +225,66 @@ def write_config(out: Path, profile: Profile, num_classes: int, labels: dict[int
                               "labels": {str(k): v for k, v in labels.items()}, **extra})
 
 
+class RunMismatchError(UserError):
+    """A run folder holds a model of other settings (dataset, profile, seed, classes) than the ones asked for."""
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two JSON documents (for a message that names them)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def check_run_binding(out: str | Path, profile: Profile, num_classes: int, seed: int,
+                      dataset_fingerprint: str | None = None) -> None:
+    """Refuse a run folder whose ``config.json`` was written for another dataset, profile, class count or seed.
+
+    Called before anything is written, so a refused command leaves the folder as it was. A folder without
+    ``config.json`` is new (or empty) and binds to the settings of the run that starts in it.
+    """
+    path = Path(out) / CONFIG
+    if not path.is_file():
+        return
+    old = read_json(path, "run configuration")
+    if not isinstance(old, dict):
+        raise DatasetError(f"{path}: not an isl-kit run configuration (a JSON {type(old).__name__})")
+    new = json.loads(json.dumps({"profile": profile.to_dict(), "num_classes": num_classes, "seed": seed,
+                                 "dataset_fingerprint": dataset_fingerprint}))  # tuples -> lists, as stored
+    diffs = _differences({k: old.get(k) for k in new}, new)
+    if diffs:
+        shown = ", ".join(diffs[:6]) + (f" and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise RunMismatchError(f"{path}: this run folder belongs to another run (different {shown}); "
+                               "use another --out, or remove the folder to train afresh")
+
+
+def model_fingerprint(run: str | Path) -> str:
+    """Content hash of a trained model: ``model.pt``'s bytes plus what ``config.json`` says about its input and
+    output (profile, classes, labels). The same model copied elsewhere has the same fingerprint; 32 hex chars."""
+    run = Path(run)
+    meta = read_json(run / CONFIG, "run configuration")
+    h = hashlib.sha256()
+    try:
+        with open(run / MODEL, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    except FileNotFoundError:
+        raise DatasetError(f"{run / MODEL}: not found; train a model with `isl train DATASET --out {run}`") from None
+    keys = ("profile", "num_classes", "labels")
+    h.update(json.dumps({k: meta.get(k) for k in keys} if isinstance(meta, dict) else meta, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
 def train_segmenter(train_cases: Sequence[dict[str, Any]], profile: Profile, num_classes: int,
                     labels: dict[int, str], out: str | Path | None = None,
                     val_cases: Sequence[dict[str, Any]] = (), device: str | torch.device = "auto", seed: int = 0,
-                    progress: bool = True, on_step: Callable[[int], None] | None = None
-                    ) -> tuple[nn.Module, TrainState]:
+                    progress: bool = True, on_step: Callable[[int], None] | None = None,
+                    dataset_fingerprint: str | None = None) -> tuple[nn.Module, TrainState]:
     """Train the baseline segmenter on preprocessed cases; resumes from ``out/checkpoint.pt`` when present.
 
-    ``on_step(step)`` is called after every step (tests use it to simulate a killed run).
+    A run folder is bound to its settings: ``out/config.json`` records the profile, classes, seed and
+    ``dataset_fingerprint`` (``data.dataset_fingerprint``), and a folder made with others is refused
+    (``RunMismatchError``) before anything is written. ``on_step(step)`` is called after every step (tests use it
+    to simulate a killed run).
     Returns the trained network (on ``device``) and its training state (steps, loss/Dice history).
     """
     from tqdm.auto import tqdm
@@ -207,8 +300,9 @@ def train_segmenter(train_cases: Sequence[dict[str, Any]], profile: Profile, num
     state = TrainState()
     out = Path(out) if out is not None else None
     if out is not None:
+        check_run_binding(out, profile, num_classes, seed, dataset_fingerprint)
         out.mkdir(parents=True, exist_ok=True)
-        write_config(out, profile, num_classes, labels, seed=seed)
+        write_config(out, profile, num_classes, labels, seed=seed, dataset_fingerprint=dataset_fingerprint)
         if (out / CHECKPOINT).is_file():
             state = _load_checkpoint(out / CHECKPOINT, net, opt, sched, device)
     loss_fn = loss_function()
@@ -238,6 +332,10 @@ def train_segmenter(train_cases: Sequence[dict[str, Any]], profile: Profile, num
     return net, state
 
 
+class RunFolderError(UserError, FileNotFoundError):
+    """A run folder lacks the files ``isl train`` writes."""
+
+
 def save_segmenter(net: nn.Module, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(net.state_dict(), tmp)
@@ -247,12 +345,17 @@ def load_segmenter(run: str | Path, device: str | torch.device = "auto") -> tupl
     """Rebuild the network from ``RUN/config.json`` and load ``RUN/model.pt`` (weights only)."""
     run = Path(run)
     if not (run / MODEL).is_file() or not (run / CONFIG).is_file():
-        raise FileNotFoundError(f"{run}: no {MODEL} / {CONFIG}; train one with `isl train DATASET --out {run}`")
-    meta = json.loads((run / CONFIG).read_text())
-    profile = Profile.from_dict(meta["profile"])
+        raise RunFolderError(f"{run}: no {MODEL} / {CONFIG}; train one with `isl train DATASET --out {run}`")
+    meta = read_json(run / CONFIG, "run configuration")
+    try:
+        profile = Profile.from_dict(meta["profile"])
+        num_classes = int(meta["num_classes"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise DatasetError(f"{run / CONFIG}: not a valid run configuration ({type(e).__name__}: {e}); "
+                           f"retrain with `isl train DATASET --out {run}`") from None
     device = resolve_device(device)
-    net = build_network(profile.segment, meta["num_classes"]).to(device)
-    net.load_state_dict(torch.load(run / MODEL, map_location=device, weights_only=True))
+    net = build_network(profile.segment, num_classes).to(device)
+    _load_state(net, _torch_load(run / MODEL, device, "model"), run / MODEL, "model")
     net.eval()
     meta["profile_obj"] = profile
     return net, meta

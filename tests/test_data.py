@@ -111,7 +111,7 @@ def test_preprocessing_gives_the_common_grid(small_cohort):
     assert tuple(case["image"].shape) == (1, 48, 48, 32)
     assert tuple(case["label"].shape) == (1, 48, 48, 32)
     assert 0.0 <= float(case["image"].min()) and float(case["image"].max()) <= 1.0
-    assert np.allclose(np.abs(np.diag(np.asarray(case["image"].affine))[:3]), (8.0, 8.0, 10.0))
+    assert np.allclose(np.abs(np.diag(np.asarray(case["affine"]))[:3]), (8.0, 8.0, 10.0))
     assert set(torch.unique(case["label"]).tolist()) <= set(range(14))
 
 

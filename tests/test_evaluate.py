@@ -13,6 +13,7 @@ import torch
 from scipy.stats import ttest_rel, wilcoxon
 
 from isl_core import evaluate as ev
+from isl_core import runtime
 
 LABELS = {0: "background", 1: "liver", 2: "spleen", 3: "kidney", 4: "gallbladder"}
 ISO = (1.0, 1.0, 1.0)
@@ -248,7 +249,7 @@ def test_summarize_ignores_nan_per_organ():
     assert s["isl"]["n_cases"] == 2
     assert math.isnan(s["baseline"]["per_organ_dice"]["gallbladder"])
     assert "mean_hd95_mm" not in s["isl"]  # no hd95 column, no hd95 summary
-    safe = json.loads(json.dumps(ev.json_safe(s), allow_nan=False))
+    safe = json.loads(json.dumps(runtime.json_safe(s), allow_nan=False))
     assert safe["baseline"]["per_organ_dice"]["gallbladder"] is None
 
 
@@ -264,7 +265,7 @@ def test_write_csv_atomic_roundtrip(tmp_path: Path):
     df = ev.evaluate_case(truth, truth, LABELS, ISO, case="c01", method="baseline")
     assert list(df.columns) == ev.PER_CASE_COLUMNS
     out = tmp_path / "res" / "per_case.csv"
-    ev.write_csv(df, out)
+    runtime.write_csv(df, out)
     back = pd.read_csv(out)
     assert back["dice"].tolist()[0] == pytest.approx(1.0)
     assert back["dice"].isna().sum() == 3  # the three absent organs stay NaN, not 0
@@ -275,6 +276,6 @@ def test_write_csv_atomic_roundtrip(tmp_path: Path):
             raise OSError("disk full")
 
     with pytest.raises(OSError):
-        ev.write_csv(Broken(df), out)
+        runtime.write_csv(Broken(df), out)
     pd.testing.assert_frame_equal(pd.read_csv(out), back)  # old result intact
     assert sorted(p.name for p in out.parent.iterdir()) == ["per_case.csv"]  # no temporary file left behind

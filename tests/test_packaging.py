@@ -26,7 +26,7 @@ def _conda_pip_requirements() -> dict[str, str]:
     deps = env["dependencies"]
     assert "python=3.11" in deps and "pip" in deps
     pip_list = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
-    return {_name(r): r.replace(" ", "") for r in pip_list if not r.startswith("-e")}
+    return {_name(r): r.replace(" ", "") for r in pip_list if not r.startswith("-")}
 
 
 def test_environment_yml_names_the_same_dependencies():

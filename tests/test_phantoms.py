@@ -2,6 +2,7 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pytest
 from monai.data import load_decathlon_datalist
 
 from isl_core.config import BTCV_LABELS
@@ -75,3 +76,10 @@ def test_organs_lie_on_the_anatomical_side_of_the_ras_affine():
 
     for right, left in ((6, 1), (2, 3), (12, 13), (9, 8)):  # liver/spleen, kidneys, adrenals, IVC/aorta
         assert mean_x(right) > 0 > mean_x(left), (BTCV_LABELS[right], BTCV_LABELS[left])
+
+
+@pytest.mark.parametrize("field, value", [("n_train", 0), ("n_val", -1), ("shift", float("nan")), ("size", (0, 8, 8)),
+                                          ("size", (8, 8))])
+def test_cohort_spec_refuses_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=f"CohortSpec.{field}"):
+        CohortSpec(**{field: value})
