@@ -16,6 +16,7 @@ Exit status and messages:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import math
 import os
@@ -62,6 +63,13 @@ def _finite(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _beta(text: str) -> float:
     value = _finite(text)
     if not 0.0 <= value < 1.0:
@@ -94,16 +102,24 @@ def _common(p: argparse.ArgumentParser, profile: bool = True) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from isl_core.phantoms import CohortSpec, write_cohort
+    from isl_core.phantoms import VARIATIONS, CohortSpec, write_cohort
     from isl_core.viz import cohort_figure
 
+    if args.anatomy == "sample" and not args.sample_dir:
+        raise UserError("--anatomy sample needs --sample-dir DIR: the folder `isl data fetch sample --out DIR` wrote")
+    variation = dataclasses.replace(VARIATIONS[args.variation], **{
+        k: v for k, v in (("elastic_mm", args.elastic_mm), ("organ_jitter_mm", args.organ_jitter_mm),
+                          ("size_spread", args.size_spread), ("gallbladder_absent", args.gallbladder_absent))
+        if v is not None})
     spec = CohortSpec(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, shift=args.shift,
-                      size=tuple(args.size), seed=args.seed)
+                      size=tuple(args.size), seed=args.seed, variation=variation, anatomy=args.anatomy,
+                      sample_dir=str(Path(args.sample_dir).resolve()) if args.sample_dir else None)
     out = write_cohort(args.out, spec, force=args.force)
     if args.figure:
         cohort_figure(out, out / "cohort.png")
     print(f"synthetic cohort: {out} ({spec.n_train} training, {spec.n_val} validation, {spec.n_test} test; "
-          f"shift {spec.shift}; size {'x'.join(map(str, spec.size))})")
+          f"shift {spec.shift}; {spec.anatomy} anatomy, variation {args.variation}"
+          + (f"; size {'x'.join(map(str, spec.size))})" if spec.anatomy == "phantom" else ")"))
     return 0
 
 
@@ -139,7 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-val", type=_int_at_least(0), default=6)
     p.add_argument("--n-test", type=_int_at_least(0), default=0)
     p.add_argument("--shift", type=_finite, default=1.0, help="domain shift of the inference cases (0 none, 1 default)")
-    p.add_argument("--size", type=_int_at_least(1), nargs=3, default=(96, 96, 64), metavar=("X", "Y", "Z"))
+    p.add_argument("--size", type=_int_at_least(1), nargs=3, default=(96, 96, 64), metavar=("X", "Y", "Z"),
+                   help="phantom grid in voxels (the field of view is fixed; the sample anatomy keeps its own grid)")
+    p.add_argument("--anatomy", choices=("phantom", "sample"), default="phantom",
+                   help="phantom: organs drawn analytically; sample: the real CT of `isl data fetch sample`, deformed")
+    p.add_argument("--sample-dir", help="with --anatomy sample: the folder `isl data fetch sample --out DIR` wrote")
+    p.add_argument("--variation", choices=("default", "inter-patient"), default="default",
+                   help="anatomical variation between subjects (inter-patient: closer to real abdominal CT)")
+    p.add_argument("--elastic-mm", type=_non_negative, help="largest elastic displacement (overrides --variation)")
+    p.add_argument("--organ-jitter-mm", type=_non_negative, help="sd of each organ's own shift (overrides --variation)")
+    p.add_argument("--size-spread", type=_non_negative, help="organ size spread, e.g. 0.12 for +-12%% "
+                   "(overrides --variation)")
+    p.add_argument("--gallbladder-absent", type=_non_negative, help="share of subjects without a gallbladder "
+                   "(overrides --variation)")
     p.add_argument("--force", action="store_true", help="overwrite a folder that holds something else")
     p.add_argument("--figure", action=argparse.BooleanOptionalAction, default=True,
                    help="also write cohort.png (default on)")
@@ -210,6 +238,8 @@ def _add_stage_commands(sub) -> None:
     p.add_argument("--data", help="dataset folder (default: a synthetic cohort written into OUT/data)")
     p.add_argument("--out", default="outputs/reproduce")
     p.add_argument("--only", help="comma-separated notebook numbers, e.g. 00,03")
+    p.add_argument("--notebooks", help="folder of the numbered notebooks (default: $ISL_NOTEBOOKS, else the "
+                   "checkout's notebooks/; a non-editable install needs one of the two)")
     _common(p)
     p.set_defaults(func=commands.reproduce)
 

@@ -168,10 +168,9 @@ def reproduce(args: argparse.Namespace) -> int:
     _out_folder(args.out)
     resolve_device(args.device)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
-    if only:
-        try:
-            notebooks(only)
-        except FileNotFoundError as e:
-            raise UserError(f"--only {args.only}: {e}") from None
+    try:
+        notebooks(only, args.notebooks)
+    except FileNotFoundError as e:
+        raise UserError(f"{'--only ' + args.only + ': ' if only else ''}{e}") from None
     return run_notebooks(out=args.out, profile=args.profile, data=args.data, device=args.device, seed=args.seed,
-                         only=only)
+                         only=only, notebook_folder=args.notebooks)

@@ -83,3 +83,58 @@ def test_organs_lie_on_the_anatomical_side_of_the_ras_affine():
 def test_cohort_spec_refuses_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"CohortSpec.{field}"):
         CohortSpec(**{field: value})
+
+
+def test_default_cohort_fingerprint_is_unchanged_by_the_new_knobs():
+    from isl_core.phantoms import CohortSpec, Variation
+
+    # cohorts written before the anatomy knobs existed must still be recognised (no forced regeneration)
+    assert CohortSpec().fingerprint() == "0159a99eb596c2f8"
+    assert CohortSpec(variation=Variation(elastic_mm=20.0)).fingerprint() != CohortSpec().fingerprint()
+
+
+def _organ_centres(variation, n=6):
+    import numpy as np
+
+    from isl_core.phantoms import draw_subject
+
+    centres = []
+    for i in range(n):
+        lab = draw_subject(np.random.default_rng(i), (48, 48, 32), None, variation)["label"]
+        centres.append([np.argwhere(lab == k).mean(0) for k in (1, 2, 6, 11)])  # spleen, kidney, liver, pancreas
+    return np.asarray(centres)  # (subjects, organs, 3) in voxels
+
+
+def test_inter_patient_variation_moves_organs_more_than_the_default():
+    from isl_core.phantoms import VARIATIONS
+
+    spread = {name: float(_organ_centres(VARIATIONS[name]).std(0).mean()) for name in ("default", "inter-patient")}
+    assert spread["inter-patient"] > 1.3 * spread["default"], spread
+
+
+def test_sample_anatomy_cohort_deforms_the_template_and_shifts_its_protocol(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from isl_core.data import load_dataset
+    from isl_core.phantoms import CohortSpec, Variation, write_cohort
+
+    # a one-case folder stands in for `isl data fetch sample` (the real CT needs the network)
+    template = write_cohort(tmp_path / "template", CohortSpec(n_train=1, n_val=0, size=(48, 48, 32), seed=3))
+    spec = CohortSpec(n_train=2, n_val=2, seed=1, anatomy="sample", sample_dir=str(template),
+                      variation=Variation(elastic_mm=15.0))
+    ds = load_dataset(write_cohort(tmp_path / "cohort", spec))
+    tpl = np.asarray(nib.load(str(load_dataset(template).training[0].label)).dataobj)
+    labels = [np.asarray(nib.load(str(c.label)).dataobj) for c in ds.training + ds.validation]
+    assert all(lab.shape == tpl.shape and not np.array_equal(lab, tpl) for lab in labels)  # deformed
+    assert all(set(np.unique(lab)) <= set(np.unique(tpl)) for lab in labels)  # no new label ids
+    overlap = [np.mean((lab == 6) == (tpl == 6)) for lab in labels]
+    assert min(overlap) > 0.8  # still the same anatomy
+
+    def kidney_hu(case):
+        image = nib.load(str(case.image)).get_fdata()
+        return float(image[np.asarray(nib.load(str(case.label)).dataobj) == 2].mean())
+
+    # training subjects carry venous enhancement, shifted inference subjects lose it
+    assert min(kidney_hu(c) for c in ds.training) > max(kidney_hu(c) for c in ds.validation) + 40
+    assert "sample anatomy" in ds.meta["name"]
