@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -302,6 +303,28 @@ def dataset_fingerprint(ds: Dataset) -> str:
 
 
 # --------------------------------------------------------------------------------------------- preprocessing
+class _WarnIfCut:
+    """Warns when the body on the working grid is larger than the common grid, which then cuts it off.
+
+    The common shape is what lets registration batch the atlases; a long scan (a chest-abdomen-pelvis CT at the
+    abdomen's grid) would otherwise lose its ends without a word.
+    """
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, d: dict[str, Any]) -> dict[str, Any]:
+        size = tuple(d["image"].shape[1:])
+        cut = [max(s - t, 0) for s, t in zip(size, self.cfg.shape)]
+        if any(cut):
+            source = getattr(d["image"], "meta", {}).get("filename_or_obj", "a case")
+            mm = ", ".join(f"{c * sp:.0f}" for c, sp in zip(cut, self.cfg.spacing))
+            warnings.warn(f"{source}: the body spans {size} voxels of {self.cfg.spacing} mm, more than the common "
+                          f"grid {tuple(self.cfg.shape)}; ({mm}) mm along (x, y, z) are cut off. Raise data.shape "
+                          "or data.spacing of the profile to keep them", stacklevel=2)
+        return d
+
+
 def preprocess_transform(cfg: DataConfig, modality: str = "CT", with_label: bool = True):
     """MONAI transform: load, RAS, resample, window to [0, 1], crop to the body, pad/crop to ``cfg.shape``.
 
@@ -328,6 +351,7 @@ def preprocess_transform(cfg: DataConfig, modality: str = "CT", with_label: bool
         steps.append(mt.CropForegroundd(keys=keys, source_key="image", select_fn=lambda x: x > 0.02, margin=2,
                                         allow_smaller=True))
     steps += [
+        _WarnIfCut(cfg),
         mt.ResizeWithPadOrCropd(keys=keys, spatial_size=cfg.shape),
         mt.EnsureTyped(keys=keys, dtype=torch.float32, track_meta=True),
     ]

@@ -143,3 +143,18 @@ def test_prediction_back_in_source_geometry(small_cohort, tmp_path, flip):
     out = write_prediction(onehot, pre, tmp_path / "pred.nii.gz")
     written = nib.load(out)
     assert written.shape == src.shape and np.allclose(written.affine, src.affine)
+
+
+def test_a_body_longer_than_the_common_grid_is_cut_with_a_warning(small_cohort):
+    import warnings
+
+    from isl_core.config import DataConfig
+    from isl_core.data import load_case, load_dataset
+
+    case = load_dataset(small_cohort).training[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the profile's own grid holds the whole body: no warning
+        load_case(case, DataConfig())
+    with pytest.warns(UserWarning, match=r"are cut off.*data\.shape"):
+        out = load_case(case, DataConfig(shape=(48, 48, 16)))
+    assert tuple(out["image"].shape[1:]) == (48, 48, 16)
