@@ -1,0 +1,173 @@
+"""The numbered notebooks' common set-up: one call instead of the same cells in every notebook.
+
+    setup = notebook.setup(profile, data_dir, out_dir, device, seed)
+    net = setup.baseline()                   # f0: loaded from out_dir/baseline, trained there when missing
+    summary, per_case = setup.experiment()   # notebooks 04-06: every method on every inference case, computed once
+
+Empty parameters are resolved the same way in every notebook (:func:`resolve`): ``profile`` from
+``$ISL_PROFILE``, else ``"quick"`` (the teaching profile a student sees when opening a notebook; tests and CI pass
+``smoke`` through papermill or the variable); ``out_dir`` from ``$ISL_OUT_DIR``, else
+``<repository>/outputs/notebooks-<profile>``; ``data_dir`` from ``$ISL_DATA_DIR``, else ``out_dir/data`` (the
+synthetic cohort of the profile, written there the first time). All notebooks share ``out_dir``: the baseline of
+notebook 01 and the experiment of 04-06 are computed once and reused.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from isl_core import config
+from isl_core.config import Profile, get_profile
+from isl_core.data import Dataset, load_case, load_cases, load_dataset
+from isl_core.evaluate import case_means, mean_dice, organ_metrics
+from isl_core.register import Atlases
+from isl_core.runtime import resolve_device
+
+__all__ = ["DEFAULT_PROFILE", "Setup", "case_table", "print_config", "resolve", "setup"]
+
+#: What a notebook runs when no profile is given: the profile whose numbers show the effects the text describes.
+DEFAULT_PROFILE = "quick"
+#: The top of a checkout (where ``outputs/`` goes); ``None`` in an installed copy without the repository around it.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+REPO: Path | None = _CHECKOUT if (_CHECKOUT / "notebooks").is_dir() else None
+
+
+def resolve(profile: str = "", data_dir: str | Path = "", out_dir: str | Path = "") -> tuple[str, Path, Path]:
+    """The profile name, dataset folder and results folder a notebook uses (see the module docstring)."""
+    name = profile or os.environ.get("ISL_PROFILE") or DEFAULT_PROFILE
+    if name not in config.PROFILE_NAMES:
+        raise ValueError(f"profile {name!r} (from the parameters cell or $ISL_PROFILE) is unknown; "
+                         f"choose one of {', '.join(config.PROFILE_NAMES)}")
+    # an installed copy (e.g. pip on Colab) has no checkout: results go under the working directory instead
+    top = REPO if REPO is not None else Path.cwd()
+    out = Path(out_dir or os.environ.get("ISL_OUT_DIR") or top / "outputs" / f"notebooks-{name}")
+    data = Path(data_dir or os.environ.get("ISL_DATA_DIR") or out / "data")
+    return name, data.expanduser().resolve(), out.expanduser().resolve()
+
+
+@dataclass
+class Setup:
+    """What every notebook starts from: the settings, the checked dataset and the shared folders."""
+
+    profile: Profile
+    ds: Dataset
+    data_dir: Path
+    out_dir: Path
+    device: torch.device
+    seed: int = 0
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def baseline_dir(self) -> Path:
+        return self.out_dir / "baseline"
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.out_dir / "experiment"
+
+    def train_cases(self) -> list[dict[str, Any]]:
+        """The training cases on the working grid (loaded once per notebook)."""
+        if "train" not in self._cache:
+            self._cache["train"] = load_cases(self.ds.training, self.profile.data, self.ds.modality)
+        return self._cache["train"]
+
+    def atlases(self) -> Atlases:
+        """The training cases as atlases for registration (one object, so its organ-map cache is shared)."""
+        if "atlases" not in self._cache:
+            self._cache["atlases"] = Atlases.from_cases(self.train_cases())
+        return self._cache["atlases"]
+
+    def case(self, case_id: str = "") -> dict[str, Any]:
+        """One inference case on the working grid: ``case_id``, or the first validation case when empty."""
+        case = self.ds.case(case_id) if case_id else self.ds.validation[0]
+        return load_case(case, self.profile.data, self.ds.modality)
+
+    def baseline(self) -> nn.Module:
+        """f0: loaded from ``out_dir/baseline`` when notebook 01 (or an earlier run) trained it, else trained there.
+
+        Training watches the Dice of two validation cases (never used to choose anything), as ``isl experiment``
+        does, so the baseline is the same whichever notebook trains it first.
+        """
+        from isl_core.segment import MODEL, load_segmenter, train_segmenter
+
+        if (self.baseline_dir / MODEL).is_file():
+            return load_segmenter(self.baseline_dir, self.device)[0]
+        val_cases = load_cases(self.ds.validation[:2], self.profile.data, self.ds.modality)
+        net, state = train_segmenter(self.train_cases(), self.profile, self.ds.num_classes, self.ds.labels,
+                                     out=self.baseline_dir, val_cases=val_cases, device=self.device, seed=self.seed,
+                                     progress=False)
+        print(f"trained the baseline: {state.step} steps in {state.seconds:.0f} s -> {self.baseline_dir}")
+        return net
+
+    def experiment(self, methods: tuple[str, ...] = config.METHODS) -> tuple[dict[str, Any], pd.DataFrame]:
+        """The experiment notebooks 04-06 share: ``methods`` on every inference case, into ``out_dir/experiment``.
+
+        Returns ``summary.json`` as a dict and ``per_case.csv`` (case x method x organ). The experiment resumes, so
+        whichever of the three notebooks runs first computes it and the others read it; its baseline is the one of
+        :meth:`baseline` (``out_dir/baseline``), never a second one.
+        """
+        from isl_core.experiment import ExperimentSettings, run_experiment
+
+        self.baseline()  # make sure out_dir/baseline holds f0 before the experiment points at it
+        settings = ExperimentSettings(profile=self.profile, methods=tuple(methods), model=str(self.baseline_dir),
+                                      seed=self.seed, device=str(self.device), progress=False)
+        summary = run_experiment(self.data_dir, self.experiment_dir, settings)
+        per_case = pd.read_csv(self.experiment_dir / "per_case.csv")
+        print(f"experiment {self.experiment_dir}: {per_case['case'].nunique()} inference cases x "
+              f"{len(methods)} methods")
+        return summary, per_case
+
+    def dice(self, pred: Any, truth: Any) -> float:
+        """Organ-averaged Dice of two label maps on the working grid (the empty-organ rules of ``evaluate``)."""
+        return mean_dice(organ_metrics(pred, truth, self.ds.labels, self.profile.data.spacing, hd95=False))
+
+
+def case_table(per_case: pd.DataFrame, methods: tuple[str, ...] | list[str]) -> pd.DataFrame:
+    """Organ-averaged Dice per case (rows) and method (columns), from a long ``per_case`` table."""
+    return case_means(per_case).pivot(index="case", columns="method", values="dice")[list(methods)]
+
+
+def setup(profile: str = "", data_dir: str | Path = "", out_dir: str | Path = "", device: str = "auto",
+          seed: int = 0) -> Setup:
+    """Resolve the parameters, write the synthetic cohort of the profile if no dataset is there, check the dataset.
+
+    Prints the dataset, results and device lines every notebook shows. A bad dataset stops here with the message of
+    :func:`isl_core.data.load_dataset`, before any work starts.
+    """
+    from isl_core.phantoms import cohort_for_profile, write_cohort
+
+    name, data, out = resolve(profile, data_dir, out_dir)
+    prof = get_profile(name)
+    if not (data / "dataset.json").is_file():
+        print(f"writing the synthetic {name!r} cohort into {data}")
+        write_cohort(data, cohort_for_profile(name, seed))
+    ds = load_dataset(data)
+    dev = resolve_device(device)
+    print(f"profile  {name}")
+    print(f"dataset  {data}\n         {len(ds.training)} training, {len(ds.validation)} validation, "
+          f"{len(ds.test)} test cases; {len(ds.organs)} organs")
+    print(f"results  {out}")
+    print(f"device   {dev}")
+    return Setup(prof, ds, data, out, dev, seed)
+
+
+def print_config() -> None:
+    """MONAI's record of the software versions (MONAI, PyTorch, NumPy, ...), so a result can be traced to them.
+
+    Also silences two harmless warnings from inside MONAI (a deprecated tensor indexing, a changed default of a
+    transform argument the kit does not use) that would otherwise repeat in many cells.
+    """
+    import warnings
+
+    from monai.config import print_config as monai_print_config
+
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
+    warnings.filterwarnings("ignore", message=".*Current default value of argument", category=FutureWarning)
+    monai_print_config()
