@@ -67,8 +67,8 @@ def warm_up(profile, net0, x, images, labels, device, supervision: str) -> None:
         tiny.register.fast_lncc = fast
         tiny.register.iterations, tiny.register.warm_start_iterations, tiny.register.affine_iterations = 2, 1, 1
         tiny.refine.rounds, tiny.refine.finetune_steps = 2, 2
-        adapt(net0, x, Atlases(images, labels), tiny, 14, supervision=supervision, ema=True, keep_atlases=False,
-              device=device, seed=0)
+        adapt(net0, x, Atlases(images, labels, tiny.data.spacing), tiny, 14, supervision=supervision, ema=True,
+              keep_atlases=False, device=device, seed=0)
     sync(device)
 
 
@@ -88,8 +88,8 @@ def time_adaptation(profile, net0, x, images, labels, device, supervision: str) 
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     t0 = time.perf_counter()
-    res = adapt(net0, x, Atlases(images, labels), profile, 14, supervision=supervision, ema=True, keep_atlases=False,
-                device=device, seed=0)
+    res = adapt(net0, x, Atlases(images, labels, profile.data.spacing), profile, 14, supervision=supervision,
+                ema=True, keep_atlases=False, device=device, seed=0)
     sync(device)
     total = time.perf_counter() - t0
     out = {"seconds": round(total, 2), **{f"{k}_seconds": round(v, 2) for k, v in res.seconds.items()

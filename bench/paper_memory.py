@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     probs = stage("inference (sliding window)", lambda: predict_proba(net0, x, prof.segment, device)[0].cpu())
     cfg = dataclasses.replace(prof.register, supervision="both")
-    atlases = Atlases(images, labels)
+    atlases = Atlases(images, labels, prof.data.spacing)
     reg = stage("registration (all levels, mask + intensity)",
                 lambda: register_atlases(x, atlases, cfg, 14, target_mask=probs[None], device=device))
 

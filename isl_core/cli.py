@@ -231,6 +231,15 @@ def _add_stage_commands(sub) -> None:
     p.add_argument("--beta", type=_beta, help="moving-average weight in [0, 1) (overrides the profile)")
     p.add_argument("--cases", help="comma-separated validation case ids (default all)")
     p.add_argument("--force", action="store_true", help="redo finished cases instead of skipping them")
+    p.add_argument("--folds", type=_int_at_least(2), metavar="K", help="K-fold cross-validation over every labelled "
+                   "case (training + validation): a baseline per fold, each case inferred once")
+    p.add_argument("--fold-seed", type=_int_at_least(0), default=0, metavar="S",
+                   help="seed of the fold assignment (default 0)")
+    p.add_argument("--workers", type=_int_at_least(1), metavar="N", help="run the cases on a local Dask cluster of N "
+                   "worker processes (one per GPU on a GPU machine; docs/cluster.md)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run on a running Dask cluster, e.g. tcp://host:8786")
+    p.add_argument("--retries", type=_int_at_least(0), default=2,
+                   help="extra attempts of a failed or lost case before it is reported as failed (default 2)")
     _common(p)
     p.set_defaults(func=commands.experiment)
 

@@ -8,6 +8,7 @@ line.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -149,17 +150,18 @@ def experiment(args: argparse.Namespace) -> int:
     refine = {k: v for k, v in (("rounds", args.rounds), ("beta", args.beta)) if v is not None}
     profile = get_profile(args.profile, **({"refine": refine} if refine else {}))
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
-    if hasattr(exp, "ExperimentSettings"):
-        settings = exp.ExperimentSettings(profile=profile, methods=args.methods, model=args.model, seed=args.seed,
-                                          device=args.device, cases=cases, force=args.force)
-        summary = exp.run_experiment(args.dataset, args.out, settings)
-    else:  # the keyword interface of earlier versions of experiment.py
-        summary = exp.run_experiment(args.dataset, args.out, profile=profile, methods=args.methods, model=args.model,
-                                     device=args.device, seed=args.seed, cases=cases, force=args.force)
+    settings = exp.ExperimentSettings(profile=profile, methods=args.methods, model=args.model, seed=args.seed,
+                                      device=args.device, cases=cases, force=args.force, folds=args.folds,
+                                      fold_seed=args.fold_seed, workers=args.workers, scheduler=args.scheduler,
+                                      retries=args.retries)
+    summary = exp.run_experiment(args.dataset, args.out, settings)
     print(f"report: {Path(args.out) / 'report.md'}")
     for name, m in summary["methods"].items():
         print(f"  {name:20s} mean Dice {m['mean_dice']:.4f}   {m['seconds_per_case']:.1f} s/case")
-    return 0
+    failed = summary.get("failed_cases", {})
+    for case, error in failed.items():
+        print(f"isl: case {case} failed: {error}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def reproduce(args: argparse.Namespace) -> int:

@@ -1,257 +1,261 @@
 """The cohort experiment: methods x inference cases -> a results folder.
 
-    OUT/experiment.json            the settings (profile, methods, seed, dataset); a rerun must match them
-    OUT/baseline/                  the Stage 1 run (unless --model points to one)
-    OUT/cases/CASE.csv|json        per-case results, written when a case is finished (the unit of resuming)
+    OUT/experiment.json            the settings stamp (dataset content, model, profile, seed, folds) and methods
+    OUT/baseline/                  the Stage 1 run of the single split (unless ``model`` points to one)
+    OUT/folds/F/baseline/          with ``folds=K``: fold F's baseline, trained on the other folds
+    OUT/cases/CASE.csv|json        per-case results, written when a case is finished (the unit of resuming);
+                                   the json carries the stamp it was made with, the seconds and the worker
     OUT/predictions/METHOD/CASE.nii.gz   label maps in the source image's geometry
-    OUT/per_case.csv               case x method x organ: Dice, HD95
-    OUT/summary.json               the DESIGN.md contract (per-method means, paired tests vs baseline)
+    OUT/per_case.csv               case x method x organ: Dice, HD95 (+ fold, seconds, worker)
+    OUT/summary.json               per-method means, paired tests vs baseline, the claims C1-C4, the protocol
     OUT/report.md + figures/       tables and figures
 
 Work is shared where methods allow: one intensity registration serves ``malf`` and every ISL round that
-aligns intensities, and ``refine.adapt_variants`` runs all ISL variants of a case together, computing each
-registration and fine-tuning run once however many variants need it. Until mask supervision starts
-(``refine.mask_from_round``, 2 by default) the variants fine-tune identically, so round 1 is one run for all of
-them; isl-intensity and isl-intensity-ema share every round. Each method's ``seconds_per_case`` counts what
-it would cost alone (shared work is charged to every method that uses it).
+aligns intensities, and ``sharing.adapt_variants`` runs all ISL variants of a case together, computing each
+registration and fine-tuning run once however many variants need it. Each method's ``seconds_per_case`` counts
+what it would cost alone (shared work is charged to every method that uses it).
+
+Units of work (``isl_core.casework``): each fold's baseline, then each inference case with all its methods. They
+run in this process, or as Dask tasks with ``workers=N`` / ``scheduler=ADDRESS`` (``isl_core.distributed``).
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import time
-from collections.abc import Sequence
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from isl_core.config import METHODS, Profile, get_profile
-from isl_core.data import Dataset, DatasetError, load_cases, load_dataset, stack_cases, write_prediction
-from isl_core.evaluate import evaluate_case, json_safe, paired_tests, summarize, write_csv
-from isl_core.fusion import fuse
-from isl_core.refine import Variant, adapt_variants
-from isl_core.register import AtlasOrgans, register_atlases
-from isl_core.runtime import resolve_device, seed_everything, write_json
-from isl_core.segment import MODEL, load_segmenter, predict_proba, train_segmenter
+from isl_core.casework import ISL_VARIANTS, BaselineJob, CaseJob, CaseRunner, case_done, run_case, train_baseline
+from isl_core.claims import claims as claims_of
+from isl_core.config import DEFAULT_METHODS, METHODS, Profile, get_profile
+from isl_core.data import Dataset, load_dataset
+from isl_core.evaluate import paired_tests, summarize
+from isl_core.folds import Fold, case_seeds, plan_folds
+from isl_core.runtime import UserError, json_safe, read_json, write_csv, write_json
+from isl_core.stamp import differences, make_stamp, stamp_id
 
-#: method -> (registration supervision, moving average, initial mask from MALF)
-ISL_VARIANTS: dict[str, tuple[str, bool, bool]] = {
-    "isl-intensity": ("intensity", False, False),
-    "isl-intensity-ema": ("intensity", True, False),
-    "isl-mask": ("mask", False, False),
-    "isl-mask-ema": ("mask", True, False),
-    "isl-mask-ema-malf": ("mask", True, True),
-}
+__all__ = ["CaseRunner", "ExperimentSettings", "ISL_VARIANTS", "run_experiment", "write_results"]
 
 
-def _settings(dataset: Path, profile: Profile, methods: Sequence[str], seed: int, model: str | None) -> dict:
-    return {"dataset": str(dataset), "profile": profile.to_dict(), "methods": list(methods), "seed": seed,
-            "model": model}
+@dataclass
+class ExperimentSettings:
+    """Everything ``run_experiment`` needs besides the dataset and the output folder."""
+
+    profile: str | Profile = "quick"
+    methods: Sequence[str] = DEFAULT_METHODS
+    model: str | None = None  # a run folder of `isl train`; None: train the baseline(s) into the output folder
+    seed: int = 0
+    device: str = "auto"
+    cases: Sequence[str] | None = None  # infer only these (validation/test ids; with folds, labelled ids)
+    folds: int | None = None  # K-fold cross-validation over every labelled case
+    fold_seed: int = 0
+    force: bool = False  # recompute the selected cases under these settings
+    progress: bool = True
+    workers: int | None = None  # a local Dask cluster with this many worker processes
+    scheduler: str | None = None  # or the address of a running Dask scheduler
+    retries: int = 2  # extra attempts of a failed or lost case before it is reported as failed
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise UserError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        if self.folds is not None and (isinstance(self.folds, bool) or int(self.folds) < 2):
+            raise UserError(f"--folds {self.folds}: cross-validation needs at least 2 folds")
+        if self.folds is not None and self.model:
+            raise UserError("--model cannot be combined with --folds: each fold trains its own baseline on the other "
+                            "folds (a given model may have seen the fold's cases)")
+        if self.workers is not None and int(self.workers) < 1:
+            raise UserError(f"--workers {self.workers}: give at least 1 worker process")
+        if self.workers is not None and self.scheduler:
+            raise UserError("--workers and --scheduler exclude each other: start a local cluster or join one")
+        if int(self.retries) < 0:
+            raise UserError(f"--retries {self.retries}: must be >= 0")
+
+    def resolved_profile(self) -> Profile:
+        return dataclasses.replace(self.profile) if isinstance(self.profile, Profile) else get_profile(self.profile)
 
 
-def _check_out(out: Path, settings: dict, force: bool) -> None:
-    """A results folder belongs to one set of settings: never mix results of different runs."""
+def _check_out(out: Path, stamp: dict[str, Any], methods: list[str], force: bool) -> list[str]:
+    """A results folder belongs to one stamp: refuse other settings (naming them) unless ``force``; -> methods."""
     path = out / "experiment.json"
-    if path.is_file() and not force:
-        old = json.loads(path.read_text())
-        # compare as stored: a JSON round trip turns the profile's tuples into lists
-        same = {k: old.get(k) for k in ("dataset", "profile", "seed", "model")} == \
-               json.loads(json.dumps({k: settings[k] for k in ("dataset", "profile", "seed", "model")}))
-        if not same:
-            raise FileExistsError(f"{path}: this folder holds an experiment with other settings; use another --out, "
-                                  "or --force to recompute every case with the new settings")
-        settings["methods"] = list(dict.fromkeys(old.get("methods", []) + settings["methods"]))
-    write_json(path, settings)
+    if path.is_file():
+        old = read_json(path, "experiment settings")
+        if not force and "stamp" not in old:
+            raise UserError(f"{path}: this folder holds an experiment of an older isl-kit without a settings stamp; "
+                            "use another --out, or --force to recompute every case")
+        if not force and old["stamp"] != stamp:
+            raise UserError(f"{path}: this folder holds an experiment with other settings: "
+                            f"{'; '.join(differences(old['stamp'], stamp))}. Use another --out, or --force to "
+                            "recompute the selected cases with the new settings")
+        if old.get("stamp") == stamp:
+            methods = list(dict.fromkeys(old.get("methods", []) + methods))
+    return methods
 
 
-def _baseline(ds: Dataset, out: Path, profile: Profile, model: str | None, device, seed: int, train_cases):
-    if model:
-        net, meta = load_segmenter(model, device)
-        if meta["num_classes"] != ds.num_classes:
-            raise DatasetError(f"{Path(model) / 'config.json'}: the model predicts {meta['num_classes']} classes, "
-                               f"the dataset declares {ds.num_classes}; train a model on this dataset")
-        return net
-    run = out / "baseline"
-    if (run / MODEL).is_file():
-        return load_segmenter(run, device)[0]
-    val_cases = load_cases(ds.validation[:2], profile.data, ds.modality)
-    net, _ = train_segmenter(train_cases, profile, ds.num_classes, ds.labels, out=run, val_cases=val_cases,
-                             device=device, seed=seed)
-    return net
+def _check_cases(out: Path, case_ids: Sequence[str], stamp: dict[str, Any], force: bool) -> None:
+    """Refuse, before any work, to extend a folder whose cases were made with other settings (unless ``force``)."""
+    if force:
+        return
+    sid = stamp_id(stamp)
+    for cid in case_ids:
+        meta = out / "cases" / f"{cid}.json"
+        if meta.is_file():
+            old = read_json(meta, "case result")
+            if old.get("stamp_id") != sid:
+                what = "; ".join(differences(old["stamp"], stamp)) if "stamp" in old else "no settings stamp"
+                raise UserError(f"{meta}: this case was made with other settings ({what}); rerun with --force to "
+                                "recompute it with the current settings, or use another --out")
 
 
-class CaseRunner:
-    """Runs every requested method on one inference case, sharing registrations between them."""
-
-    def __init__(self, net0, atlas_images, atlas_labels, profile: Profile, num_classes: int, device, seed: int):
-        self.net0, self.images, self.labels = net0, atlas_images, atlas_labels
-        self.profile, self.num_classes, self.device, self.seed = profile, num_classes, device, seed
-        self.organs = AtlasOrgans(atlas_labels)  # the same atlases serve every case: resample their organs once
-
-    def _register_intensity(self, x):
-        cfg = copy.deepcopy(self.profile.register)
-        cfg.supervision = "intensity"
-        t0 = time.perf_counter()
-        reg = register_atlases(x, self.images, self.labels, cfg, self.num_classes, device=self.device)
-        return reg, time.perf_counter() - t0
-
-    def run(self, image: torch.Tensor, methods: Sequence[str]) -> dict[str, tuple[torch.Tensor, float]]:
-        """method -> (probabilities (C,*S) on the working grid, seconds it cost)."""
-        x = torch.as_tensor(image).as_subclass(torch.Tensor)[None].float()
-        out: dict[str, tuple[torch.Tensor, float]] = {}
-        t0 = time.perf_counter()
-        p0 = predict_proba(self.net0, x, self.profile.segment, self.device)[0].cpu()
-        t_base = time.perf_counter() - t0
-        out["baseline"] = (p0, t_base)
-        reg_int, malf, t_int, t_fuse = None, None, 0.0, 0.0
-        if "malf" in methods or "isl-mask-ema-malf" in methods:
-            reg_int, t_int = self._register_intensity(x)
-            t0 = time.perf_counter()
-            malf = fuse(x, reg_int, self.profile.fusion)[0].cpu()
-            t_fuse = time.perf_counter() - t0
-            out["malf"] = (malf, t_base + t_int + t_fuse)
-        variants, initial_seconds = {}, {}
-        for method, (supervision, ema, from_malf) in ISL_VARIANTS.items():
-            if method not in methods:
-                continue
-            initial = None
-            if from_malf:
-                blend = self.profile.refine.malf_blend
-                initial = blend * malf + (1 - blend) * p0
-                # the MALF estimate costs its fusion, plus its registration unless round 1 aligns intensities
-                # anyway (then adapt_variants already charges that registration to this method)
-                initial_seconds[method] = t_fuse + (t_int if self.profile.refine.mask_from_round <= 1 else 0.0)
-            if supervision == "mask":
-                supervision = self.profile.register.supervision_mask
-            variants[method] = Variant(supervision, ema, initial_mask=initial)  # beta: the profile's
-        if variants:
-            results = adapt_variants(self.net0, x, self.images, self.labels, self.profile, self.num_classes,
-                                     variants, intensity_registration=reg_int, keep_history=False,
-                                     device=self.device, seed=self.seed, probs0=(p0, t_base),
-                                     atlas_organs=self.organs)
-            for method, res in results.items():
-                out[method] = (res.final_probs, res.seconds["total"] + initial_seconds.get(method, 0.0))
-        return {m: out[m] for m in methods if m in out}
+def _jobs(ds: Dataset, out: Path, plan: list[Fold], s: ExperimentSettings, profile: Profile, stamp: dict[str, Any],
+          methods: list[str]) -> list[tuple[BaselineJob, list[CaseJob]]]:
+    seeds = case_seeds(ds, s.folds, s.seed)
+    sid = stamp_id(stamp)
+    units = []
+    for fold in plan:
+        val_ids = [c.id for c in ds.validation[:2]] if fold.index is None else []
+        base = BaselineJob(str(ds.root), str(out), fold.index, [c.id for c in fold.train], val_ids, profile, s.seed,
+                           stamp, model=s.model, device=s.device, progress=s.progress)
+        cases = [CaseJob(base, c.id, seeds[c.id], methods, sid) for c in fold.infer]
+        units.append((base, cases))
+    return units
 
 
-def _case_done(out: Path, case_id: str, methods: Sequence[str]) -> bool:
-    meta = out / "cases" / f"{case_id}.json"
-    if not meta.is_file():
-        return False
-    done = json.loads(meta.read_text()).get("methods", {})
-    return all(m in done and (out / "predictions" / m / f"{case_id}.nii.gz").is_file() for m in methods)
-
-
-def _evaluate(case, pred_path: Path, labels: dict[int, str], method: str) -> pd.DataFrame:
-    import nibabel as nib
-
-    truth = nib.load(str(case.label))
-    spacing = tuple(float(s) for s in truth.header.get_zooms()[:3])
-    pred = np.asarray(nib.load(str(pred_path)).dataobj).astype(int)
-    return evaluate_case(pred, np.asarray(truth.dataobj).round().astype(int), labels, spacing, case=case.id,
-                         method=method)
-
-
-def run_experiment(dataset: str | Path, out: str | Path, profile: str | Profile = "quick",
-                   methods: Sequence[str] = ("baseline", "malf", "isl-intensity", "isl-mask", "isl-mask-ema"),
-                   model: str | None = None, device: str = "auto", seed: int = 0, rounds: int | None = None,
-                   beta: float | None = None, cases: Sequence[str] | None = None, force: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
-    """Run ``methods`` on every validation case (and predict test cases); write and return ``summary.json``."""
+def _run_in_process(units, out: Path, force: bool, progress: bool,
+                    on_case: Callable[[dict[str, Any]], None] | None) -> dict[str, str]:
     from tqdm.auto import tqdm
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    methods = list(dict.fromkeys(["baseline", *methods]))  # the paired tests need the baseline
-    profile = copy.deepcopy(profile) if isinstance(profile, Profile) else get_profile(profile)
-    if rounds is not None:
-        profile.refine.rounds = rounds
-    if beta is not None:
-        profile.refine.beta = beta
+    bar = tqdm(total=sum(len(c) for _, c in units), desc="inference cases", disable=not progress)
+    for base, cases in units:
+        todo = [j for j in cases if force or not case_done(out, j.case_id, j.methods, j.stamp_id)]
+        bar.update(len(cases) - len(todo))
+        if todo:
+            train_baseline(base)
+        for job in todo:
+            if force:  # recompute: the finished mark goes first, so an interrupted rerun redoes the case
+                (out / "cases" / f"{job.case_id}.json").unlink(missing_ok=True)
+            record = run_case(job)
+            bar.update(1)
+            if on_case is not None:
+                on_case(record)
+    bar.close()
+    return {}
+
+
+def run_experiment(dataset: str | Path, out: str | Path, settings: ExperimentSettings | str | Profile | None = None,
+                   on_case: Callable[[dict[str, Any]], None] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run the methods on every inference case (validation + test, or every labelled case by cross-validation);
+    write and return ``summary.json``.
+
+    ``settings`` is an :class:`ExperimentSettings`; a profile (name or object) plus keyword ``overrides`` of its
+    fields is accepted too. ``on_case(record)`` is called in the driver after each finished case.
+    """
+    # the CLI's --rounds / --beta override the profile (kept here for callers that pass them as keywords)
+    rounds, beta = overrides.pop("rounds", None), overrides.pop("beta", None)
+    if not isinstance(settings, ExperimentSettings):
+        settings = ExperimentSettings(**({"profile": settings} if settings is not None else {}), **overrides)
+    elif overrides:
+        settings = dataclasses.replace(settings, **overrides)
+    if rounds is not None or beta is not None:
+        p = settings.resolved_profile()
+        refine = dataclasses.replace(p.refine, **{k: v for k, v in (("rounds", rounds), ("beta", beta))
+                                                  if v is not None})
+        settings = dataclasses.replace(settings, profile=dataclasses.replace(p, refine=refine))
+    s = settings
+    methods = list(dict.fromkeys(["baseline", *s.methods]))  # the paired tests need the baseline
+    profile = s.resolved_profile()
     ds = load_dataset(dataset)  # validates every file before any work
-    if not ds.validation and not ds.test:
-        raise DatasetError(f"{ds.root / 'dataset.json'}: no 'validation' or 'test' cases to run the methods on")
-    targets = ds.validation + ds.test
-    if cases:
-        missing = sorted(set(cases) - {c.id for c in targets})
-        if missing:
-            raise DatasetError(f"{ds.root / 'dataset.json'}: no validation/test case named {missing}")
-        targets = [c for c in targets if c.id in cases]
     out = Path(out)
+    plan = plan_folds(ds, out, s.folds, s.fold_seed, s.cases)
+    if s.model and not (Path(s.model) / "model.pt").is_file():
+        raise UserError(f"--model {s.model}: no model.pt there; give a run folder written by `isl train`")
+    stamp = make_stamp(ds, profile, s.seed, s.model, s.folds, s.fold_seed)
     out.mkdir(parents=True, exist_ok=True)
-    _check_out(out, _settings(ds.root, profile, methods, seed, model), force)
+    methods = _check_out(out, stamp, methods, s.force)
+    _check_cases(out, [c.id for f in plan for c in f.infer], stamp, s.force)
+    write_json(out / "experiment.json", {"stamp": stamp, "stamp_id": stamp_id(stamp), "methods": methods,
+                                         "dataset": str(ds.root)})
+    units = _jobs(ds, out, plan, s, profile, stamp, methods)
+    if s.workers or s.scheduler:
+        from isl_core.distributed import run_on_cluster
 
-    device = resolve_device(device)
-    seed_everything(seed)
-    train_cases = load_cases(ds.training, profile.data, ds.modality)
-    net0 = _baseline(ds, out, profile, model, device, seed, train_cases)
-    atlas_images, atlas_labels = stack_cases(train_cases)
-    runner = CaseRunner(net0, atlas_images, atlas_labels, profile, ds.num_classes, device, seed)
-
-    for i, case in enumerate(tqdm(targets, desc="inference cases", disable=not progress)):
-        if not force and _case_done(out, case.id, methods):
-            continue
-        seed_everything(seed + i)
-        pre = load_cases([case], profile.data, ds.modality)[0]
-        results = runner.run(pre["image"], methods)
-        frames, seconds = [], {}
-        for method, (probs, secs) in results.items():
-            path = write_prediction(probs, pre, out / "predictions" / method / f"{case.id}.nii.gz")
-            seconds[method] = secs
-            if case.label is not None:
-                frames.append(_evaluate(case, path, ds.labels, method))
-        if frames:
-            write_csv(pd.concat(frames, ignore_index=True), out / "cases" / f"{case.id}.csv")
-        write_json(out / "cases" / f"{case.id}.json", {"case": case.id, "split": case.split,
-                                                      "methods": seconds})
-    return write_results(out, ds, methods, targets)
+        failed = run_on_cluster(units, out, s, on_case)
+    else:
+        failed = _run_in_process(units, out, s.force, s.progress, on_case)
+    # the summary covers every finished case of these settings, not only the ones this call was asked to run
+    return write_results(out, ds, methods, plan_folds(ds, out, s.folds, s.fold_seed), stamp, failed)
 
 
-def _collect(out: Path, targets) -> tuple[pd.DataFrame, dict[str, list[float]]]:
-    frames, seconds = [], {}
-    for case in targets:
-        csv = out / "cases" / f"{case.id}.csv"
-        if case.label is not None and csv.is_file():
-            frames.append(pd.read_csv(csv))
-        meta = out / "cases" / f"{case.id}.json"
-        if meta.is_file():
-            for m, s in json.loads(meta.read_text())["methods"].items():
-                seconds.setdefault(m, []).append(float(s))
+def _collect(out: Path, plan: list[Fold], sid: str) -> tuple[pd.DataFrame, dict[str, list[float]], list[str]]:
+    """The finished cases made under stamp ``sid`` (others are listed, never mixed in)."""
+    frames, seconds, excluded = [], {}, []
+    for fold in plan:
+        for case in fold.infer:
+            meta = out / "cases" / f"{case.id}.json"
+            if not meta.is_file():
+                continue
+            record = read_json(meta, "case result")
+            if record.get("stamp_id") != sid:
+                excluded.append(case.id)
+                continue
+            for m, secs in record["methods"].items():
+                seconds.setdefault(m, []).append(float(secs))
+            csv = out / "cases" / f"{case.id}.csv"
+            if case.label is not None and csv.is_file():
+                df = pd.read_csv(csv)
+                if fold.index is not None:
+                    df.insert(0, "fold", fold.index)
+                df["seconds"] = df["method"].map(record["methods"]).astype(float)
+                df["worker"] = record.get("worker", "")
+                frames.append(df)
     per_case = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return per_case, seconds
+    return per_case, seconds, excluded
 
 
-def write_results(out: Path, ds: Dataset, methods: Sequence[str], targets) -> dict[str, Any]:
-    """Aggregate the finished cases into per_case.csv, summary.json and report.md."""
+def write_results(out: Path, ds: Dataset, methods: Sequence[str], plan: list[Fold], stamp: dict[str, Any],
+                  failed: dict[str, str] | None = None) -> dict[str, Any]:
+    """Aggregate the finished cases of these settings into per_case.csv, summary.json and report.md."""
     from isl_core.report import write_report
 
-    per_case, seconds = _collect(out, targets)
+    per_case, seconds, excluded = _collect(out, plan, stamp_id(stamp))
     per_case = per_case[per_case["method"].isin(methods)] if len(per_case) else per_case
     summary: dict[str, Any] = {"methods": {}, "paired_tests": {}}
     stats = summarize(per_case) if len(per_case) else {}
     for m in methods:
-        s = stats.get(m, {})
-        summary["methods"][m] = {"mean_dice": s.get("mean_dice", float("nan")),
-                                 "per_organ_dice": s.get("per_organ_dice", {}),
-                                 "seconds_per_case": float(np.mean(seconds.get(m, [float("nan")]))),
-                                 "mean_hd95_mm": s.get("mean_hd95_mm", float("nan")),
-                                 "n_cases": s.get("n_cases", 0)}
+        st = stats.get(m, {})
+        summary["methods"][m] = {"mean_dice": st.get("mean_dice", math.nan),
+                                 "per_organ_dice": st.get("per_organ_dice", {}),
+                                 "seconds_per_case": float(np.mean(seconds.get(m, [math.nan]))),
+                                 "mean_hd95_mm": st.get("mean_hd95_mm", math.nan),
+                                 "n_cases": st.get("n_cases", 0)}
     for m in methods:
         if m != "baseline" and len(per_case):
             t = paired_tests(per_case, m, "baseline")
             summary["paired_tests"][f"{m}_vs_baseline"] = {
                 "delta_mean_dice": t["delta_mean_dice"], "p_value": t["p_value"], "test": "wilcoxon",
                 "t_test_p_value": t["t_p_value"], "n_cases": t["n_cases"]}
+    summary["claims"] = claims_of(per_case) if len(per_case) else {}
+    if stamp.get("folds"):
+        n = per_case["case"].nunique() if len(per_case) else 0
+        summary["protocol"] = {"folds": stamp["folds"], "fold_seed": stamp["fold_seed"], "n_cases": int(n),
+                               "seeds": [stamp["seed"]]}
     summary["dataset"] = str(ds.root)
-    summary["settings"] = json.loads((out / "experiment.json").read_text())
+    summary["settings"] = {**stamp, "methods": list(methods)}
+    if excluded:  # made with other settings (e.g. left by an earlier --force --cases): never mixed in
+        summary["excluded_cases"] = {"cases": excluded, "reason": "made with other settings; rerun with --force"}
+    if failed:
+        summary["failed_cases"] = failed
     summary = json_safe(summary)
     if len(per_case):
         write_csv(per_case, out / "per_case.csv")
+    else:
+        (out / "per_case.csv").unlink(missing_ok=True)
     write_json(out / "summary.json", summary)
     write_report(out, summary, per_case, ds)
     return summary

@@ -81,7 +81,7 @@ class Setup:
     def atlases(self) -> Atlases:
         """The training cases as atlases for registration (one object, so its organ-map cache is shared)."""
         if "atlases" not in self._cache:
-            self._cache["atlases"] = Atlases.from_cases(self.train_cases())
+            self._cache["atlases"] = Atlases.from_cases(self.train_cases(), self.profile.data.spacing)
         return self._cache["atlases"]
 
     def case(self, case_id: str = "") -> dict[str, Any]:

@@ -75,23 +75,42 @@ def organ_legend(fig, labels: dict[int, str] | None = None, present: Sequence[in
     fig.legend(handles=handles, loc="lower center", ncol=min(7, len(handles)), fontsize=8, frameon=False)
 
 
+def _plane_aspect(spacing: Sequence[float], axis: int) -> float:
+    """imshow aspect (row height / column width) of a ``display_slice`` through ``axis`` for voxel ``spacing``."""
+    cols, rows = (a for a in range(3) if a != axis)  # display_slice transposes: rows are the later array axis
+    return float(spacing[rows]) / float(spacing[cols])
+
+
 def case_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray | None]], axis_slices: Sequence[tuple[int, float]]
               = ((2, 0.55), (1, 0.5)), labels: dict[int, str] | None = None, window: tuple[float, float] = (0, 1),
-              path: str | Path | None = None):
-    """A figure with one row per (title, image, labels) and one column per (axis, relative position)."""
+              path: str | Path | None = None, spacing: Sequence[float] | Sequence[Sequence[float]] | None = None):
+    """A figure with one row per (title, image, labels) and one column per (axis, relative position).
+
+    ``spacing``: voxel size in mm, one (sx, sy, sz) for every row or one per row, so that anisotropic voxels
+    (CT slices are often thicker than the in-plane pixels) are drawn in their true proportions; None: isotropic.
+    Each row is a subfigure with its own title above it, so long titles never run into the neighbouring panel's.
+    """
     labels = labels or BTCV_LABELS
-    fig, axes = plt.subplots(len(rows), 2 * len(axis_slices), figsize=(3.0 * 2 * len(axis_slices),
-                                                                      3.3 * len(rows) + 0.6), squeeze=False)
-    for r, (title, image, lab) in enumerate(rows):
+    if spacing is None or np.ndim(spacing) == 1:
+        spacing = [spacing or (1.0, 1.0, 1.0)] * len(rows)
+    if len(spacing) != len(rows) or any(len(s) < 3 for s in spacing):
+        raise ValueError(f"case_grid: spacing must be one (sx, sy, sz) or one per row ({len(rows)}), got {spacing}")
+    ncols = 2 * len(axis_slices)
+    fig = plt.figure(figsize=(2.8 * ncols, 3.1 * len(rows) + 0.7), layout="constrained")
+    subfigs = np.atleast_1d(fig.subfigures(len(rows) + 1, 1, height_ratios=[3.1] * len(rows) + [0.5]))
+    for sub, (title, image, lab), row_spacing in zip(subfigs, rows, spacing):
         image = _as_numpy(image)
+        sub.suptitle(title, fontsize=10, fontweight="bold")
+        axes = sub.subplots(1, ncols, squeeze=False)[0]
         for c, (axis, rel) in enumerate(axis_slices):
             idx = int(rel * (image.shape[axis] - 1))
-            overlay(axes[r, 2 * c], image, None, axis, idx, title if c == 0 else f"{_PLANES[axis]} slice",
+            plane = _PLANES[axis]
+            overlay(axes[2 * c], image, None, axis, idx, plane, vmin=window[0], vmax=window[1])
+            overlay(axes[2 * c + 1], image, lab, axis, idx, f"{plane} + labels", num_classes=max(labels) + 1,
                     vmin=window[0], vmax=window[1])
-            overlay(axes[r, 2 * c + 1], image, lab, axis, idx, "labels" if c == 0 else None,
-                    num_classes=max(labels) + 1, vmin=window[0], vmax=window[1])
-    organ_legend(fig, labels)
-    fig.tight_layout(rect=(0, 0.06, 1, 1), h_pad=1.5)  # room for each row's title above its images
+            for ax in axes[2 * c: 2 * c + 2]:
+                ax.set_aspect(_plane_aspect(row_spacing, axis))
+    organ_legend(subfigs[-1], labels)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=80)
@@ -105,14 +124,15 @@ def cohort_figure(dataset_dir: str | Path, path: str | Path | None = None):
     from isl_core.data import read_dataset_json
 
     ds = read_dataset_json(dataset_dir)
-    rows = []
+    rows, spacing = [], []
     for title, case in (("training case", ds.training[0]), ("inference case (shifted)",
                                                             (ds.validation or ds.training)[0])):
         img = nib.as_closest_canonical(nib.load(str(case.image)))
         lab = nib.as_closest_canonical(nib.load(str(case.label))) if case.label else None
         rows.append((f"{title}: {case.id}", img.get_fdata(dtype=np.float32),
                      None if lab is None else np.asarray(lab.dataobj)))
-    return case_grid(rows, labels=ds.labels, window=(-175, 250), path=path)
+        spacing.append(img.header.get_zooms()[:3])
+    return case_grid(rows, labels=ds.labels, window=(-175, 250), path=path, spacing=spacing)
 
 
 def slice_viewer(image, labels=None, prediction=None, num_classes: int = 14, window: tuple[float, float] = (0, 1)):
@@ -276,14 +296,15 @@ def jacobian_panel(ax, det, axis: int = 2, index: int | None = None, title: str 
 
 def organ_dice_figure(table, title: str = "Per-organ Dice", ylabel: str = "Dice", path: str | Path | None = None):
     """Grouped bars of a DataFrame with organs as rows and methods (or cases, rounds...) as columns."""
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(table) + 2), 3.6))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(table) + 2) + 1.6, 3.6))  # + the legend's column
     table.plot.bar(ax=ax, width=0.8)
     ax.set_ylim(0, 1)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.set_xticks(range(len(table)), [str(i).replace("_", " ") for i in table.index], rotation=40, ha="right",
                   fontsize=8)
-    ax.legend(fontsize=7, ncol=min(4, table.shape[1]))
+    # Outside the axes, to the right: inside, it hid the tallest bars (Dice near 1 is the interesting part).
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
@@ -359,3 +380,123 @@ def label_row_figure(image, layers: Sequence[tuple[str, np.ndarray | None]], axi
     organ_legend(fig, labels, present=sorted(present - {0}))
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------ pipeline diagram
+# The method at a glance, drawn by the kit itself (the book's and the notebooks' diagram). Boxes and arrows are
+# placed by hand in axes coordinates: matplotlib has no graph layout, and a fixed layout keeps the figure stable.
+
+_STAGE_COLOURS = {"input": "#eeeeee", "stage1": "#dbe9f6", "stage2": "#fde4c8", "stage3": "#d9f0d3",
+                  "output": "#f3d9ec"}
+
+
+def _box(ax, xy: tuple[float, float], text: str, colour: str, width: float = 0.2, height: float = 0.2) -> None:
+    from matplotlib.patches import FancyBboxPatch
+
+    x, y = xy
+    ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0.01",
+                                facecolor=colour, edgecolor="#444444", linewidth=1.0))
+    ax.text(x, y, text, ha="center", va="center", fontsize=8.5, wrap=True)
+
+
+def _arrow(ax, start: tuple[float, float], end: tuple[float, float], text: str = "", rad: float = 0.0,
+           text_offset: tuple[float, float] = (0.0, 0.03)) -> None:
+    ax.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "-|>", "color": "#333333", "lw": 1.3,
+                                                      "connectionstyle": f"arc3,rad={rad}"})
+    if text:
+        mid = ((start[0] + end[0]) / 2 + text_offset[0], (start[1] + end[1]) / 2 + text_offset[1])
+        ax.text(*mid, text, ha="center", va="bottom", fontsize=7.5, style="italic")
+
+
+def pipeline_figure(path: str | Path | None = None):
+    """The ISL pipeline: Stage 1 (initial segmenter) -> Stage 2 (registration) -> Stage 3 (refinement), the
+    rounds loop with the moving-average inference mask, and the final arg-max. Returns the matplotlib figure."""
+    fig, ax = plt.subplots(figsize=(11.0, 4.6))
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(0, 1)
+    ax.set_axis_off()
+    c = _STAGE_COLOURS
+    _box(ax, (0.11, 0.84), "training cases\n(images + organ labels)", c["input"], height=0.14)
+    _box(ax, (0.11, 0.22), "one inference image $x^*$\n(a shifted domain)", c["input"], height=0.14)
+    _box(ax, (0.11, 0.53), "Stage 1\ninitial segmentation\nlearning: train $f_0$\n"
+         "$P = \\mathrm{softmax}(f_0(x^*))$\n$M = P$", c["stage1"], height=0.26)
+    _box(ax, (0.42, 0.53), "Stage 2\ndeform every training case\nonto $x^*$: intensity similarity\n"
+         "+ Dice to the mask $M$\n+ $\\lambda \\cdot$ smoothness", c["stage2"], width=0.22, height=0.26)
+    _box(ax, (0.72, 0.53), "Stage 3\nfine-tune a copy of $f$ on the\ninference-specific set $D^*$\n"
+         "$P = \\mathrm{softmax}(f(x^*))$\n$M = \\beta M + (1 - \\beta) P$", c["stage3"], width=0.22, height=0.26)
+    _box(ax, (0.93, 0.22), "final\nsegmentation\n$\\arg\\max\\, M$", c["output"], width=0.12, height=0.16)
+    _arrow(ax, (0.11, 0.77), (0.11, 0.66))
+    _arrow(ax, (0.11, 0.29), (0.11, 0.40))
+    _arrow(ax, (0.21, 0.53), (0.31, 0.53), "$f_0$, mask $M$")
+    _arrow(ax, (0.21, 0.84), (0.40, 0.66), "atlases", text_offset=(0.03, 0.0))
+    _arrow(ax, (0.53, 0.53), (0.61, 0.53), "$D^*$", text_offset=(0.0, 0.015))
+    # The loop of rounds r = 1..R: Stage 3's new mask M goes back to guide Stage 2's alignment.
+    _arrow(ax, (0.72, 0.40), (0.42, 0.40), rad=-0.5)
+    ax.text(0.57, 0.06, "repeat for rounds r = 1..R: the moving average of $M$ ($\\beta$)\n"
+            "guides the next round's alignment (off: $M = P$)", ha="center", va="center", fontsize=8,
+            style="italic")
+    _arrow(ax, (0.80, 0.40), (0.90, 0.30), "after round R", text_offset=(0.04, 0.0))
+    ax.set_title("Inference-specific learning (Chen et al., Medical Physics 2025): the pipeline", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# experiment report figures (report.py writes the Markdown and calls these)
+
+
+def per_organ_figure(summary: dict, path: str | Path) -> None:
+    """Grouped bars: each organ's mean Dice under each method of an experiment's ``summary.json``."""
+    import pandas as pd
+
+    table = pd.DataFrame({m: s["per_organ_dice"] for m, s in summary["methods"].items()})
+    ax = table.plot.bar(figsize=(max(8, 0.8 * len(table)), 4), width=0.8)
+    ax.set_ylabel("mean Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title("Per-organ Dice by method")
+    ax.legend(fontsize=8, ncol=min(4, table.shape[1]))
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=90)
+    plt.close(ax.figure)
+
+
+def paired_lines_figure(per_case, path: str | Path) -> None:
+    """Each case's organ-averaged Dice under the baseline and each other method, joined by a line."""
+    from isl_core.evaluate import case_means
+
+    means = case_means(per_case).pivot(index="case", columns="method", values="dice")
+    others = [m for m in means.columns if m != "baseline"]
+    fig, axes = plt.subplots(1, len(others), figsize=(2.6 * len(others), 3.2), sharey=True, squeeze=False)
+    for ax, m in zip(axes[0], others):
+        for _, row in means.iterrows():
+            up = row[m] >= row["baseline"]
+            ax.plot([0, 1], [row["baseline"], row[m]], "-o", color="tab:green" if up else "tab:red", alpha=0.7)
+        ax.set_xticks([0, 1], ["baseline", m], rotation=20, fontsize=8)
+        ax.set_title(m, fontsize=9)
+    axes[0, 0].set_ylabel("organ-averaged Dice per case")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def overlay_figure(out: str | Path, ds, methods: Sequence[str], case_id: str, path: str | Path) -> None:
+    """One axial slice of one case: ground truth and every method's prediction (source geometry)."""
+    import nibabel as nib
+
+    case = ds.case(case_id)
+    img = nib.as_closest_canonical(nib.load(str(case.image)))
+    image = img.get_fdata(dtype=np.float32)
+    layers = [("ground truth", case.label)]
+    layers += [(m, Path(out) / "predictions" / m / f"{case_id}.nii.gz") for m in methods]
+    layers = [(t, p) for t, p in layers if p is not None and Path(p).is_file()]
+    truth = np.asarray(nib.as_closest_canonical(nib.load(str(case.label))).dataobj)
+    z = int(np.argmax((truth > 0).sum(axis=(0, 1))))  # the slice with the most organ voxels
+    fig, axes = plt.subplots(1, len(layers), figsize=(2.6 * len(layers), 3.0), squeeze=False)
+    for ax, (title, p) in zip(axes[0], layers):
+        lab = np.asarray(nib.as_closest_canonical(nib.load(str(p))).dataobj)
+        overlay(ax, image, lab, axis=2, index=z, title=title, num_classes=ds.num_classes, vmin=-175, vmax=250)
+    organ_legend(fig, ds.labels, present=sorted(set(np.unique(truth).tolist()) - {0}))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
