@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from isl_core.evaluate import _pvalues
+from isl_core.evaluate import paired_pvalues
 
 PAIRS: dict[str, tuple[str, str]] = {"C1": ("isl-mask-ema", "baseline"), "C2": ("isl-mask", "isl-intensity"),
                                      "C3": ("isl-mask-ema", "isl-mask")}
@@ -92,7 +92,7 @@ def compare(a: pd.Series, b: pd.Series) -> dict[str, Any]:
     paired = pd.concat({"a": a, "b": b}, axis=1, join="inner").dropna()
     diff = (paired["a"] - paired["b"]).to_numpy(dtype=float)
     return {"delta": float(diff.mean()) if len(diff) else math.nan, "ci95": list(bootstrap_ci(diff)),
-            "p_value": _pvalues(diff)[0], "n": int(len(diff))}
+            "p_value": paired_pvalues(diff)[0], "n": int(len(diff))}
 
 
 def hallucination_rates(per_case: pd.DataFrame) -> dict[str, dict[str, Any]]:

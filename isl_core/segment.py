@@ -160,7 +160,7 @@ def validation_dice(net: nn.Module, cases: Sequence[dict[str, Any]], cfg: Segmen
     """
     import numpy as np
 
-    from isl_core.evaluate import mean_dice, organ_metrics
+    from isl_core.metrics import mean_dice, organ_metrics
 
     organs = {k: str(k) for k in range(1, num_classes)}
     scores = []

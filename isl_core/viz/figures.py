@@ -1,6 +1,8 @@
-"""Figures and the interactive slice viewer: what every notebook and report shows.
+"""The static figures of the notebooks and of an experiment's report.
 
-Colours come from one label colour table (``label_cmap``) so an organ has the same colour everywhere.
+Each notebook figure returns the matplotlib figure (it shows inline in Jupyter and in notebooks executed headless)
+and writes a file only when ``path`` is given; the report figures (``report.py`` writes the Markdown and calls
+them) always write theirs.
 """
 
 from __future__ import annotations
@@ -13,175 +15,9 @@ import matplotlib
 matplotlib.use("Agg") if matplotlib.get_backend().lower() in ("", "agg") else None
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
 
 from isl_core.config import BTCV_LABELS  # noqa: E402
-
-
-def label_cmap(num_classes: int = 14) -> ListedColormap:
-    """Background transparent, organs from tab20 (stable per label id)."""
-    colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
-    table = np.zeros((max(num_classes, 2), 4))
-    for k in range(1, max(num_classes, 2)):
-        table[k] = colours[(k - 1) % 20]
-        table[k, 3] = 0.55
-    return ListedColormap(table)
-
-
-def _as_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    while x.ndim > 3:
-        x = x[0]
-    return x
-
-
-_PLANES = ("sagittal", "coronal", "axial")  # the slice through array axis 0, 1, 2 of a RAS volume
-
-
-def display_slice(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """One slice of a RAS volume, laid out for ``imshow(origin="lower")`` in the radiological convention.
-
-    Rows run posterior->anterior (axial) or inferior->superior (coronal, sagittal). Axial and coronal
-    slices show the patient's right on the viewer's left, as CT is read; sagittal slices show anterior right.
-    """
-    plane = np.take(vol, index, axis=axis).T
-    return plane[:, ::-1] if axis != 0 else plane
-
-
-def overlay(ax, image, labels=None, axis: int = 2, index: int | None = None, title: str | None = None,
-            num_classes: int = 14, vmin: float = 0.0, vmax: float = 1.0) -> None:
-    """Draw one slice of ``image`` with ``labels`` on top (labels may be None)."""
-    image = _as_numpy(image)
-    index = image.shape[axis] // 2 if index is None else index
-    ax.imshow(display_slice(image, axis, index), cmap="gray", origin="lower", vmin=vmin, vmax=vmax,
-              interpolation="nearest")
-    if labels is not None:
-        lab = _as_numpy(labels).astype(int)
-        ax.imshow(display_slice(lab, axis, index), cmap=label_cmap(num_classes), origin="lower", vmin=0,
-                  vmax=max(num_classes, 2) - 1, interpolation="nearest")
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
-
-
-def organ_legend(fig, labels: dict[int, str] | None = None, present: Sequence[int] | None = None) -> None:
-    labels = labels or BTCV_LABELS
-    cmap = label_cmap(max(labels) + 1)
-    keys = [k for k in sorted(labels) if k != 0 and (present is None or k in present)]
-    handles = [Patch(color=cmap(k), label=labels[k].replace("_", " ")) for k in keys]
-    fig.legend(handles=handles, loc="lower center", ncol=min(7, len(handles)), fontsize=8, frameon=False)
-
-
-def _plane_aspect(spacing: Sequence[float], axis: int) -> float:
-    """imshow aspect (row height / column width) of a ``display_slice`` through ``axis`` for voxel ``spacing``."""
-    cols, rows = (a for a in range(3) if a != axis)  # display_slice transposes: rows are the later array axis
-    return float(spacing[rows]) / float(spacing[cols])
-
-
-def case_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray | None]], axis_slices: Sequence[tuple[int, float]]
-              = ((2, 0.55), (1, 0.5)), labels: dict[int, str] | None = None, window: tuple[float, float] = (0, 1),
-              path: str | Path | None = None, spacing: Sequence[float] | Sequence[Sequence[float]] | None = None):
-    """A figure with one row per (title, image, labels) and one column per (axis, relative position).
-
-    ``spacing``: voxel size in mm, one (sx, sy, sz) for every row or one per row, so that anisotropic voxels
-    (CT slices are often thicker than the in-plane pixels) are drawn in their true proportions; None: isotropic.
-    Each row is a subfigure with its own title above it, so long titles never run into the neighbouring panel's.
-    """
-    labels = labels or BTCV_LABELS
-    if spacing is None or np.ndim(spacing) == 1:
-        spacing = [spacing or (1.0, 1.0, 1.0)] * len(rows)
-    if len(spacing) != len(rows) or any(len(s) < 3 for s in spacing):
-        raise ValueError(f"case_grid: spacing must be one (sx, sy, sz) or one per row ({len(rows)}), got {spacing}")
-    ncols = 2 * len(axis_slices)
-    fig = plt.figure(figsize=(2.8 * ncols, 3.1 * len(rows) + 0.7), layout="constrained")
-    subfigs = np.atleast_1d(fig.subfigures(len(rows) + 1, 1, height_ratios=[3.1] * len(rows) + [0.5]))
-    for sub, (title, image, lab), row_spacing in zip(subfigs, rows, spacing):
-        image = _as_numpy(image)
-        sub.suptitle(title, fontsize=10, fontweight="bold")
-        axes = sub.subplots(1, ncols, squeeze=False)[0]
-        for c, (axis, rel) in enumerate(axis_slices):
-            idx = int(rel * (image.shape[axis] - 1))
-            plane = _PLANES[axis]
-            overlay(axes[2 * c], image, None, axis, idx, plane, vmin=window[0], vmax=window[1])
-            overlay(axes[2 * c + 1], image, lab, axis, idx, f"{plane} + labels", num_classes=max(labels) + 1,
-                    vmin=window[0], vmax=window[1])
-            for ax in axes[2 * c: 2 * c + 2]:
-                ax.set_aspect(_plane_aspect(row_spacing, axis))
-    organ_legend(subfigs[-1], labels)
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=80)
-    return fig
-
-
-def cohort_figure(dataset_dir: str | Path, path: str | Path | None = None):
-    """A training case and a shifted inference case of a dataset folder, with their labels (raw HU, windowed)."""
-    import nibabel as nib
-
-    from isl_core.data import read_dataset_json
-
-    ds = read_dataset_json(dataset_dir)
-    rows, spacing = [], []
-    for title, case in (("training case", ds.training[0]), ("inference case (shifted)",
-                                                            (ds.validation or ds.training)[0])):
-        img = nib.as_closest_canonical(nib.load(str(case.image)))
-        lab = nib.as_closest_canonical(nib.load(str(case.label))) if case.label else None
-        rows.append((f"{title}: {case.id}", img.get_fdata(dtype=np.float32),
-                     None if lab is None else np.asarray(lab.dataobj)))
-        spacing.append(img.header.get_zooms()[:3])
-    return case_grid(rows, labels=ds.labels, window=(-175, 250), path=path, spacing=spacing)
-
-
-def slice_viewer(image, labels=None, prediction=None, num_classes: int = 14, window: tuple[float, float] = (0, 1)):
-    """An ipywidgets viewer: image with label and prediction overlays, a slice slider and an axis choice."""
-    import ipywidgets as w
-    from IPython.display import display
-
-    image = _as_numpy(image)
-    layers = {"labels": labels, "prediction": prediction}
-    layers = {k: _as_numpy(v) for k, v in layers.items() if v is not None}
-    axis = w.Dropdown(options=[("axial", 2), ("coronal", 1), ("sagittal", 0)], value=2, description="view")
-    index = w.IntSlider(value=image.shape[2] // 2, min=0, max=image.shape[2] - 1, description="slice")
-    out = w.Output()
-
-    def draw(*_):
-        index.max = image.shape[axis.value] - 1
-        with out:
-            out.clear_output(wait=True)
-            fig, axes = plt.subplots(1, 1 + len(layers), figsize=(3.2 * (1 + len(layers)), 3.4), squeeze=False)
-            overlay(axes[0, 0], image, None, axis.value, index.value, "image", vmin=window[0], vmax=window[1])
-            for a, (name, lab) in zip(axes[0, 1:], layers.items()):
-                overlay(a, image, lab, axis.value, index.value, name, num_classes, vmin=window[0], vmax=window[1])
-            plt.show()
-
-    axis.observe(draw, names="value")
-    index.observe(draw, names="value")
-    draw()
-    box = w.VBox([w.HBox([axis, index]), out])
-    display(box)
-    return box
-
-
-# ------------------------------------------------------------------------------------------ notebook figures
-# Static figures of the numbered notebooks: each returns the matplotlib figure (it shows inline in Jupyter and
-# in notebooks executed headless) and never writes files unless ``path`` is given.
-
-
-def _save(fig, path: str | Path | None):
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=90)
-    return fig
-
-
-def best_slice(labels, axis: int = 2) -> int:
-    """Index along ``axis`` of the slice with the most organ (non-zero) voxels; the middle if there are none."""
-    lab = _as_numpy(labels)
-    counts = (lab > 0).sum(axis=tuple(a for a in range(3) if a != axis))
-    return int(np.argmax(counts)) if counts.max() > 0 else lab.shape[axis] // 2
+from isl_core.viz.slices import _as_numpy, _save, best_slice, display_slice, organ_legend, overlay  # noqa: E402
 
 
 def appearance_figure(subjects: Sequence[tuple[str, np.ndarray, np.ndarray]], organs: Sequence[int] = (6, 1, 2),
@@ -379,65 +215,6 @@ def label_row_figure(image, layers: Sequence[tuple[str, np.ndarray | None]], axi
             present |= set(np.unique(_as_numpy(lab)).astype(int).tolist())
     organ_legend(fig, labels, present=sorted(present - {0}))
     fig.tight_layout(rect=(0, 0.12, 1, 1))
-    return _save(fig, path)
-
-
-# ------------------------------------------------------------------------------------------ pipeline diagram
-# The method at a glance, drawn by the kit itself (the book's and the notebooks' diagram). Boxes and arrows are
-# placed by hand in axes coordinates: matplotlib has no graph layout, and a fixed layout keeps the figure stable.
-
-_STAGE_COLOURS = {"input": "#eeeeee", "stage1": "#dbe9f6", "stage2": "#fde4c8", "stage3": "#d9f0d3",
-                  "output": "#f3d9ec"}
-
-
-def _box(ax, xy: tuple[float, float], text: str, colour: str, width: float = 0.2, height: float = 0.2) -> None:
-    from matplotlib.patches import FancyBboxPatch
-
-    x, y = xy
-    ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0.01",
-                                facecolor=colour, edgecolor="#444444", linewidth=1.0))
-    ax.text(x, y, text, ha="center", va="center", fontsize=8.5, wrap=True)
-
-
-def _arrow(ax, start: tuple[float, float], end: tuple[float, float], text: str = "", rad: float = 0.0,
-           text_offset: tuple[float, float] = (0.0, 0.03)) -> None:
-    ax.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "-|>", "color": "#333333", "lw": 1.3,
-                                                      "connectionstyle": f"arc3,rad={rad}"})
-    if text:
-        mid = ((start[0] + end[0]) / 2 + text_offset[0], (start[1] + end[1]) / 2 + text_offset[1])
-        ax.text(*mid, text, ha="center", va="bottom", fontsize=7.5, style="italic")
-
-
-def pipeline_figure(path: str | Path | None = None):
-    """The ISL pipeline: Stage 1 (initial segmenter) -> Stage 2 (registration) -> Stage 3 (refinement), the
-    rounds loop with the moving-average inference mask, and the final arg-max. Returns the matplotlib figure."""
-    fig, ax = plt.subplots(figsize=(11.0, 4.6))
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(0, 1)
-    ax.set_axis_off()
-    c = _STAGE_COLOURS
-    _box(ax, (0.11, 0.84), "training cases\n(images + organ labels)", c["input"], height=0.14)
-    _box(ax, (0.11, 0.22), "one inference image $x^*$\n(a shifted domain)", c["input"], height=0.14)
-    _box(ax, (0.11, 0.53), "Stage 1\ninitial segmentation\nlearning: train $f_0$\n"
-         "$P = \\mathrm{softmax}(f_0(x^*))$\n$M = P$", c["stage1"], height=0.26)
-    _box(ax, (0.42, 0.53), "Stage 2\ndeform every training case\nonto $x^*$: intensity similarity\n"
-         "+ Dice to the mask $M$\n+ $\\lambda \\cdot$ smoothness", c["stage2"], width=0.22, height=0.26)
-    _box(ax, (0.72, 0.53), "Stage 3\nfine-tune a copy of $f$ on the\ninference-specific set $D^*$\n"
-         "$P = \\mathrm{softmax}(f(x^*))$\n$M = \\beta M + (1 - \\beta) P$", c["stage3"], width=0.22, height=0.26)
-    _box(ax, (0.93, 0.22), "final\nsegmentation\n$\\arg\\max\\, M$", c["output"], width=0.12, height=0.16)
-    _arrow(ax, (0.11, 0.77), (0.11, 0.66))
-    _arrow(ax, (0.11, 0.29), (0.11, 0.40))
-    _arrow(ax, (0.21, 0.53), (0.31, 0.53), "$f_0$, mask $M$")
-    _arrow(ax, (0.21, 0.84), (0.40, 0.66), "atlases", text_offset=(0.03, 0.0))
-    _arrow(ax, (0.53, 0.53), (0.61, 0.53), "$D^*$", text_offset=(0.0, 0.015))
-    # The loop of rounds r = 1..R: Stage 3's new mask M goes back to guide Stage 2's alignment.
-    _arrow(ax, (0.72, 0.40), (0.42, 0.40), rad=-0.5)
-    ax.text(0.57, 0.06, "repeat for rounds r = 1..R: the moving average of $M$ ($\\beta$)\n"
-            "guides the next round's alignment (off: $M = P$)", ha="center", va="center", fontsize=8,
-            style="italic")
-    _arrow(ax, (0.80, 0.40), (0.90, 0.30), "after round R", text_offset=(0.04, 0.0))
-    ax.set_title("Inference-specific learning (Chen et al., Medical Physics 2025): the pipeline", fontsize=10)
-    fig.tight_layout()
     return _save(fig, path)
 
 
