@@ -24,34 +24,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_SIZE as TINY
 
 from isl_core import cli
 from isl_core.config import get_profile
-
-TINY = (32, 32, 24)
-
-
-@pytest.fixture(scope="module")
-def tiny_cohort(tmp_path_factory) -> Path:
-    """2 training, 1 validation, 1 test case at 32x32x24: enough for every check, written in about a second."""
-    from isl_core.phantoms import CohortSpec, write_cohort
-
-    return write_cohort(tmp_path_factory.mktemp("bad") / "ds", CohortSpec(n_train=2, n_val=1, n_test=1, size=TINY,
-                                                                         seed=3))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_cohort, tmp_path_factory) -> Path:
-    """A run folder as `isl train` writes it, trained for one step (its numbers do not matter here)."""
-    from isl_core.data import dataset_fingerprint, load_cases, load_dataset
-    from isl_core.segment import train_segmenter
-
-    ds = load_dataset(tiny_cohort)
-    profile = get_profile("ci", segment={"max_steps": 1})
-    run = tmp_path_factory.mktemp("bad") / "run"
-    train_segmenter(load_cases(ds.training, profile.data), profile, ds.num_classes, ds.labels, out=run,
-                    device="cpu", progress=False, dataset_fingerprint=dataset_fingerprint(ds))
-    return run
 
 
 @dataclass

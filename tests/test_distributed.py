@@ -12,7 +12,7 @@ import time
 import pandas as pd
 import pytest
 import torch
-from experiment_helpers import TINY_METHODS, tiny_cohort, tiny_profile
+from helpers import TINY_METHODS, tiny_cohort, tiny_profile
 
 from isl_core.experiment import ExperimentSettings, run_experiment
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from experiment_helpers import tiny_cohort, tiny_profile
+from helpers import tiny_cohort, tiny_profile
 
 from isl_core.data import load_dataset
 from isl_core.experiment import ExperimentSettings, run_experiment
@@ -117,7 +117,7 @@ def test_force_on_one_case_never_mixes_settings(tiny, tmp_path):
 @pytest.mark.slow
 def test_regenerated_dataset_is_noticed(tiny, tmp_path):
     """Regression (#15.2b): `isl data synth D --force --seed 1` at the same path reported the old Dice."""
-    from experiment_helpers import tiny_cohort as regenerate
+    from helpers import tiny_cohort as regenerate
 
     out = tmp_path / "out"
     run_experiment(tiny, out, _settings())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from experiment_helpers import TINY_METHODS, tiny_cohort, tiny_profile
+from helpers import TINY_METHODS, tiny_cohort, tiny_profile
 
 from isl_core.data import Case, Dataset, DatasetError
 from isl_core.experiment import ExperimentSettings, run_experiment

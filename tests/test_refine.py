@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import loop_profile
 
 from isl_core import refine
 from isl_core.appearance import atlas_consensus
@@ -48,12 +49,6 @@ def _stub_stages(monkeypatch, predictions):
     return calls
 
 
-def _profile(rounds=2, steps=6, every=3, beta=0.6, mask_from_round=1):
-    p = get_profile("ci")
-    p.refine.mask_from_round = mask_from_round
-    p.refine.rounds, p.refine.finetune_steps, p.refine.ema_every, p.refine.beta = rounds, steps, every, beta
-    p.refine.batch_size = 1
-    return p
 
 
 def _run(monkeypatch, ema, supervision="mask", **kw):
@@ -61,7 +56,7 @@ def _run(monkeypatch, ema, supervision="mask", **kw):
     preds = [torch.softmax(torch.randn(C, *S, generator=gen), 0) for _ in range(20)]
     calls = _stub_stages(monkeypatch, preds)
     net0 = _Net()
-    p = _profile(**kw)
+    p = loop_profile(**kw)
     atlases = Atlases(torch.rand(N, 1, *S), torch.zeros(N, *S, dtype=torch.long))
     res = refine.adapt(net0, torch.rand(1, *S), atlases, p, C, supervision=supervision, ema=ema, device="cpu")
     return res, preds, calls, net0, p
@@ -122,7 +117,7 @@ def test_atlas_consensus_marks_where_most_atlases_agree():
 
 
 def test_round_registration_follows_the_mask_from_its_round():
-    p = _profile(mask_from_round=2)
+    p = loop_profile(mask_from_round=2)
     assert refine.round_registration(p, "both", 1).supervision == "intensity"
     assert refine.round_registration(p, "both", 2).supervision == "both"
     assert refine.round_registration(p, "intensity", 3).supervision == "intensity"

@@ -21,29 +21,6 @@ from isl_core.config import get_profile
 from isl_core.data import DatasetError, dataset_fingerprint, load_case, load_dataset
 from isl_core.evaluate import evaluate_predictions, organ_metrics
 
-TINY = (32, 32, 24)
-
-
-@pytest.fixture(scope="module")
-def tiny_cohort(tmp_path_factory) -> Path:
-    from isl_core.phantoms import CohortSpec, write_cohort
-
-    return write_cohort(tmp_path_factory.mktemp("rel") / "ds", CohortSpec(n_train=2, n_val=1, n_test=0, size=TINY,
-                                                                          seed=5))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_cohort, tmp_path_factory) -> Path:
-    from isl_core.data import load_cases
-    from isl_core.segment import train_segmenter
-
-    ds = load_dataset(tiny_cohort)
-    profile = get_profile("ci", segment={"max_steps": 1})
-    run = tmp_path_factory.mktemp("rel") / "run"
-    train_segmenter(load_cases(ds.training, profile.data), profile, ds.num_classes, ds.labels, out=run,
-                    device="cpu", progress=False, dataset_fingerprint=dataset_fingerprint(ds))
-    return run
-
 
 @pytest.fixture
 def ds_copy(tiny_cohort, tmp_path) -> Path:

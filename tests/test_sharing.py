@@ -5,21 +5,15 @@ implementations of the method, with a real tiny network and real registrations.
 """
 
 import torch
+from helpers import loop_profile
 
 from isl_core import refine, sharing
-from isl_core.config import get_profile
 from isl_core.register import Atlases
 from isl_core.sharing import Variant
 
 C, N = 3, 2
 
 
-def _profile(rounds=2, steps=6, every=3, beta=0.6, mask_from_round=1):
-    p = get_profile("ci")
-    p.refine.mask_from_round = mask_from_round
-    p.refine.rounds, p.refine.finetune_steps, p.refine.ema_every, p.refine.beta = rounds, steps, every, beta
-    p.refine.batch_size = 1
-    return p
 
 
 def _tiny_real_setup(guide="atlases"):
@@ -27,7 +21,7 @@ def _tiny_real_setup(guide="atlases"):
     from isl_core.segment import build_network
 
     torch.manual_seed(0)
-    p = _profile(rounds=2, steps=4, every=2, mask_from_round=2)
+    p = loop_profile(rounds=2, steps=4, every=2, mask_from_round=2)
     p.refine.appearance_guide = guide
     p.segment.channels, p.segment.strides, p.segment.patch_size = (4, 8), (2,), (16, 16, 16)
     p.register.iterations, p.register.levels, p.register.warm_start_iterations = 3, 1, 2

@@ -1,4 +1,4 @@
-"""A tiny cohort and a tiny profile for the experiment tests (folds, claims, Dask): seconds per case on 2 cores."""
+"""Small helpers shared by several test modules: tiny cohorts and profiles that run in seconds on 2 cores."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from isl_core.config import Profile, get_profile
 
 TINY_METHODS = ["baseline", "malf", "isl-mask-ema"]
+TINY_SIZE = (32, 32, 24)  # voxels of the tiny cohorts: every stage runs, in about a second per case
 
 
 def tiny_cohort(path: Path, seed: int = 3) -> Path:
@@ -21,3 +22,13 @@ def tiny_profile() -> Profile:
     return get_profile("ci", segment={"max_steps": 4, "val_every": 4, "checkpoint_every": 4},
                        register={"iterations": 3, "warm_start_iterations": 2},
                        refine={"finetune_steps": 1, "ema_every": 1})
+
+
+def loop_profile(rounds: int = 2, steps: int = 6, every: int = 3, beta: float = 0.6, mask_from_round: int = 1
+                 ) -> Profile:
+    """The ci profile with the ISL loop's schedule set by hand (the refine and sharing tests)."""
+    p = get_profile("ci")
+    p.refine.mask_from_round = mask_from_round
+    p.refine.rounds, p.refine.finetune_steps, p.refine.ema_every, p.refine.beta = rounds, steps, every, beta
+    p.refine.batch_size = 1
+    return p
