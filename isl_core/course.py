@@ -169,8 +169,9 @@ def assemble_book(run: str | Path, src: str | Path) -> Path:
         _executed_copy(path, src / "notebooks" / path.name, profile, times[path.name][1])
     figures = src / "figures"
     figures.mkdir()
-    fig = viz.pipeline_figure(figures / "pipeline.png")
-    viz.plt.close(fig)
+    import matplotlib.pyplot as plt
+
+    plt.close(viz.pipeline_figure(figures / "pipeline.png"))
     lines = ["# Figures", "", "The figures of the README (the synthetic cohort, ISL round by round on one case, the "
              "demo's per-organ Dice) and the pipeline diagram.", "",
              "![the ISL pipeline](figures/pipeline.png)", ""]

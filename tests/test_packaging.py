@@ -52,6 +52,7 @@ def test_constraints_pin_every_dependency_exactly():
 
 def test_makefile_installs_cpu_torch_before_the_rest():
     make = (ROOT / "Makefile").read_text()
-    torch_at, rest_at = make.index("pip install --quiet $(TORCH_SPEC)"), make.index("-c constraints.txt")
-    assert torch_at < rest_at
-    assert re.search(r"TORCH_SPEC \?= torch==2\.13\.0\b", make)
+    torch_at, rest_at = make.index("--index-url $(TORCH_CPU_INDEX)"), make.index("-c constraints.txt")
+    assert torch_at < rest_at  # torch first: installing monai must never pull another build
+    assert re.search(r"TORCH_VERSION +\?= 2\.13\.0\b", make)
+    assert "TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu" in make.replace("  ", " ")
