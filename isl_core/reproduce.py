@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from isl_core.runtime import write_text
+from isl_core.viz.slices import STATIC_VIEWER_ENV
 
 #: The numbered notebooks of a checkout (an editable install: ``pip install -e .`` or ``make setup``).
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -60,6 +61,21 @@ def _index(out: Path, rows: list[tuple[str, str, float, str]], profile: str) -> 
     write_text(out / "index.md", "\n".join(lines) + "\n")
 
 
+def _execute(pm, nb: Path, target: Path, params: dict, kernel_name: str) -> None:
+    """One notebook through papermill, its kernel told that it runs headless (``viz.slices.STATIC_VIEWER_ENV``:
+    the slice viewers draw static figures). The kernel inherits this process's environment, which is restored."""
+    before = os.environ.get(STATIC_VIEWER_ENV)
+    os.environ[STATIC_VIEWER_ENV] = "1"
+    try:
+        pm.execute_notebook(str(nb), str(target), parameters=params, kernel_name=kernel_name, cwd=str(nb.parent),
+                            progress_bar=False)
+    finally:
+        if before is None:
+            os.environ.pop(STATIC_VIEWER_ENV, None)
+        else:
+            os.environ[STATIC_VIEWER_ENV] = before
+
+
 def run_notebooks(out: str | Path = "outputs/reproduce", profile: str = "quick", data: str | Path | None = None,
                   device: str = "auto", seed: int = 0, only: list[str] | None = None,
                   kernel_name: str = "python3", notebook_folder: str | Path | None = None) -> int:
@@ -83,8 +99,7 @@ def run_notebooks(out: str | Path = "outputs/reproduce", profile: str = "quick",
         print(f"[isl reproduce] {nb.name} ...", flush=True)
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(str(nb), str(target), parameters=params, kernel_name=kernel_name,
-                                cwd=str(nb.parent), progress_bar=False)
+            _execute(pm, nb, target, params, kernel_name)
         except pm.PapermillExecutionError as e:
             rows.append((nb.name, f"failed (cell {e.exec_count}: {e.ename})", time.perf_counter() - t0,
                          f"notebooks/{nb.name}"))

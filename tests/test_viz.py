@@ -37,3 +37,22 @@ def test_displacement_arrows_follow_the_flipped_display():
     arrows = next(c for c in ax.get_children() if isinstance(c, Quiver))
     assert np.all(arrows.U < 0)  # right is drawn on the left: the arrows point left
     plt.close(fig)
+
+
+def test_the_slice_viewer_is_a_static_figure_in_a_headless_run(monkeypatch):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from isl_core.viz import slice_viewer
+    from isl_core.viz.slices import STATIC_VIEWER_ENV
+
+    image = np.random.default_rng(0).random((12, 10, 8))
+    labels = (image > 0.5).astype(np.uint8)
+    monkeypatch.setenv(STATIC_VIEWER_ENV, "1")
+    fig = slice_viewer(image, labels)
+    assert isinstance(fig, plt.Figure) and len(fig.axes) == 2  # the image and its labels, middle axial slice
+    plt.close(fig)
+    monkeypatch.delenv(STATIC_VIEWER_ENV)
+    box = slice_viewer(image, labels)  # interactive: a widget box with the view and slice controls
+    assert type(box).__name__ == "VBox"
+    plt.close("all")

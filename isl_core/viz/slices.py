@@ -5,6 +5,7 @@ Colours come from one label colour table (``label_cmap``) so an organ has the sa
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,14 +136,38 @@ def cohort_figure(dataset_dir: str | Path, path: str | Path | None = None):
     return case_grid(rows, labels=ds.labels, window=(-175, 250), path=path, spacing=spacing)
 
 
-def slice_viewer(image, labels=None, prediction=None, num_classes: int = 14, window: tuple[float, float] = (0, 1)):
-    """An ipywidgets viewer: image with label and prediction overlays, a slice slider and an axis choice."""
-    import ipywidgets as w
-    from IPython.display import display
+#: Set (to 1) while notebooks run headless (``isl reproduce``, the notebook tests): the viewer then draws its first
+#: view as a static figure. Widgets in a headless run can stall the notebook client (an intermittent hang of
+#: nbclient with ipywidgets' comm messages), and a saved widget displays nothing without its JavaScript.
+STATIC_VIEWER_ENV = "ISL_STATIC_VIEWER"
 
+
+def slice_viewer(image, labels=None, prediction=None, num_classes: int = 14, window: tuple[float, float] = (0, 1)):
+    """An ipywidgets viewer: image with label and prediction overlays, a slice slider and an axis choice.
+
+    Returns the widget box; in a headless run (``$ISL_STATIC_VIEWER`` set) it shows the middle axial slice as a
+    static figure instead and returns that figure.
+    """
     image = _as_numpy(image)
     layers = {"labels": labels, "prediction": prediction}
     layers = {k: _as_numpy(v) for k, v in layers.items() if v is not None}
+
+    def figure(axis: int, index: int):
+        fig, axes = plt.subplots(1, 1 + len(layers), figsize=(3.2 * (1 + len(layers)), 3.4), squeeze=False)
+        overlay(axes[0, 0], image, None, axis, index, "image", vmin=window[0], vmax=window[1])
+        for a, (name, lab) in zip(axes[0, 1:], layers.items()):
+            overlay(a, image, lab, axis, index, name, num_classes, vmin=window[0], vmax=window[1])
+        return fig
+
+    if os.environ.get(STATIC_VIEWER_ENV):
+        fig = figure(2, image.shape[2] // 2)
+        fig.suptitle("slice viewer (static in a headless run; interactive in JupyterLab)", fontsize=9)
+        plt.show()
+        return fig
+
+    import ipywidgets as w
+    from IPython.display import display
+
     axis = w.Dropdown(options=[("axial", 2), ("coronal", 1), ("sagittal", 0)], value=2, description="view")
     index = w.IntSlider(value=image.shape[2] // 2, min=0, max=image.shape[2] - 1, description="slice")
     out = w.Output()
@@ -151,10 +176,7 @@ def slice_viewer(image, labels=None, prediction=None, num_classes: int = 14, win
         index.max = image.shape[axis.value] - 1
         with out:
             out.clear_output(wait=True)
-            fig, axes = plt.subplots(1, 1 + len(layers), figsize=(3.2 * (1 + len(layers)), 3.4), squeeze=False)
-            overlay(axes[0, 0], image, None, axis.value, index.value, "image", vmin=window[0], vmax=window[1])
-            for a, (name, lab) in zip(axes[0, 1:], layers.items()):
-                overlay(a, image, lab, axis.value, index.value, name, num_classes, vmin=window[0], vmax=window[1])
+            figure(axis.value, index.value)
             plt.show()
 
     axis.observe(draw, names="value")
