@@ -34,6 +34,11 @@ def _source(cell: dict) -> str:
     return "".join(cell["source"])
 
 
+def _stdout(cells: list[dict]) -> str:
+    """Everything the cells printed (a stream's text is a string or, as saved by papermill, a list of strings)."""
+    return "".join("".join(o.get("text", "")) for c in cells for o in c.get("outputs", []) if o.get("name") == "stdout")
+
+
 def _tags(cell: dict) -> list[str]:
     return cell.get("metadata", {}).get("tags", [])
 
@@ -190,7 +195,7 @@ def test_executed_notebook_shows_a_figure(executed, path):
     assert all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
-    text = "".join(o.get("text", "") for c in nb["cells"] for o in c.get("outputs", []) if o.get("name") == "stdout")
+    text = _stdout(nb["cells"])
     assert "profile  smoke" in text, f"{path.name}: the papermill parameter did not reach setup()"
 
 
@@ -200,8 +205,10 @@ def test_shared_folders_are_reused(executed):
     work = executed["out"] / "work"
     assert (work / "baseline" / "model.pt").is_file()
     assert not (work / "experiment" / "baseline").exists(), "the experiment retrained its own baseline"
+    from isl_core.segment import model_fingerprint
+
     settings = json.loads((work / "experiment" / "experiment.json").read_text())
-    assert Path(settings["model"]) == work / "baseline"
+    assert settings["stamp"]["model"] == model_fingerprint(work / "baseline")  # the very weights of notebook 01
     summary = json.loads((work / "experiment" / "summary.json").read_text())
     assert set(config.METHODS) <= set(summary["methods"])
 
@@ -211,7 +218,7 @@ def test_results_are_stated_from_the_run(executed):
     """The ablation notebooks say in words what this run found (05: whether M beat P; 06: the ranking)."""
     def stdout(name: str) -> str:
         cells = _load(executed["out"] / "notebooks" / name)["cells"]
-        return "".join(o.get("text", "") for c in cells for o in c.get("outputs", []) if o.get("name") == "stdout")
+        return _stdout(cells)
 
     assert re.search(r"The moving average (raised|lowered) the mean Dice of isl-mask from", stdout(NOTEBOOKS[5].name))
     assert re.search(r"the moving average (beat|did not beat) P by [+-]\d", stdout(NOTEBOOKS[5].name))
