@@ -223,3 +223,15 @@ def test_results_are_stated_from_the_run(executed):
     assert re.search(r"The moving average (raised|lowered) the mean Dice of isl-mask from", stdout(NOTEBOOKS[5].name))
     assert re.search(r"the moving average (beat|did not beat) P by [+-]\d", stdout(NOTEBOOKS[5].name))
     assert "- Ranking: " in stdout(NOTEBOOKS[6].name)
+
+
+@pytest.mark.slow
+def test_book_builds_from_the_executed_notebooks(executed, tmp_path):
+    """`make book` on the real notebooks: every page linked, each with its figures (no second execution)."""
+    from isl_core.course import build_book
+
+    index = build_book(executed["out"], tmp_path / "book")
+    html = index.read_text(encoding="utf-8")
+    for path in NOTEBOOKS:
+        assert f'href="notebooks/{path.stem}.html"' in html, f"index.html does not link {path.name}"
+        assert "<img" in (index.parent / "notebooks" / f"{path.stem}.html").read_text(encoding="utf-8"), path.name
