@@ -148,25 +148,12 @@ def _run_in_process(units, out: Path, force: bool, progress: bool,
     return {}
 
 
-def run_experiment(dataset: str | Path, out: str | Path, settings: ExperimentSettings | str | Profile | None = None,
-                   on_case: Callable[[dict[str, Any]], None] | None = None, **overrides: Any) -> dict[str, Any]:
+def run_experiment(dataset: str | Path, out: str | Path, settings: ExperimentSettings,
+                   on_case: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the methods on every inference case (validation + test, or every labelled case by cross-validation);
-    write and return ``summary.json``.
-
-    ``settings`` is an :class:`ExperimentSettings`; a profile (name or object) plus keyword ``overrides`` of its
-    fields is accepted too. ``on_case(record)`` is called in the driver after each finished case.
-    """
-    # the CLI's --rounds / --beta override the profile (kept here for callers that pass them as keywords)
-    rounds, beta = overrides.pop("rounds", None), overrides.pop("beta", None)
+    write and return ``summary.json``. ``on_case(record)`` is called in the driver after each finished case."""
     if not isinstance(settings, ExperimentSettings):
-        settings = ExperimentSettings(**({"profile": settings} if settings is not None else {}), **overrides)
-    elif overrides:
-        settings = dataclasses.replace(settings, **overrides)
-    if rounds is not None or beta is not None:
-        p = settings.resolved_profile()
-        refine = dataclasses.replace(p.refine, **{k: v for k, v in (("rounds", rounds), ("beta", beta))
-                                                  if v is not None})
-        settings = dataclasses.replace(settings, profile=dataclasses.replace(p, refine=refine))
+        raise TypeError(f"settings must be an ExperimentSettings, got {type(settings).__name__}")
     s = settings
     methods = list(dict.fromkeys(["baseline", *s.methods]))  # the paired tests need the baseline
     profile = s.resolved_profile()
