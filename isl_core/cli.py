@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import json
 import math
 import os
 import sys
@@ -93,12 +94,29 @@ def _device(text: str) -> str:
     return text
 
 
+def _setting(text: str) -> tuple[str, str, object]:
+    """``STAGE.FIELD=VALUE`` -> (stage, field, value); the value is read as JSON when it parses, else as text."""
+    key, eq, raw = text.partition("=")
+    stage, dot, field = key.strip().partition(".")
+    if not eq or not dot or not stage or not field:
+        raise argparse.ArgumentTypeError(f"{text!r}: write STAGE.FIELD=VALUE, e.g. refine.appearance=none or "
+                                         "data.spacing=[6,6,8]")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return stage, field.strip(), value
+
+
 def _common(p: argparse.ArgumentParser, profile: bool = True) -> None:
     p.add_argument("--device", default="auto", type=_device, help="auto (cuda, then mps, then cpu), cpu or cuda")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (default 0)")
     if profile:
         p.add_argument("--profile", default="quick", choices=PROFILE_NAMES,
                        help="settings preset: ci (tests), quick (laptop CPU), paper (GPU)")
+        p.add_argument("--set", dest="settings", type=_setting, action="append", default=[],
+                       metavar="STAGE.FIELD=VALUE", help="change one setting of the profile (repeatable), e.g. "
+                       "refine.appearance=none or data.spacing=[6,6,8]; recorded in the run's settings stamp")
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:

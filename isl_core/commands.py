@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from isl_core.config import get_profile
+from isl_core.config import Profile, get_profile
 from isl_core.data import Case, DatasetError, case_id_from_path, load_case, load_dataset, validate_case
 from isl_core.runtime import UserError, read_json, resolve_device, write_json
 
@@ -29,6 +29,17 @@ def _out_folder(path: str | Path, option: str = "--out") -> Path:
     return out
 
 
+def profile_from_args(args: argparse.Namespace, **overrides: dict) -> Profile:
+    """The ``--profile`` preset with ``overrides`` and every ``--set STAGE.FIELD=VALUE`` applied (checked here)."""
+    merged: dict[str, dict] = {stage: dict(values) for stage, values in overrides.items()}
+    for stage, field, value in getattr(args, "settings", []):
+        merged.setdefault(stage, {})[field] = value
+    try:
+        return get_profile(args.profile, **merged)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"--set: {exc}") from None
+
+
 def train(args: argparse.Namespace) -> int:
     from isl_core.data import dataset_fingerprint, load_cases
     from isl_core.segment import MODEL, check_run_binding, train_segmenter
@@ -36,7 +47,7 @@ def train(args: argparse.Namespace) -> int:
     out = _out_folder(args.out)
     device = resolve_device(args.device)
     ds = load_dataset(args.dataset)
-    profile = get_profile(args.profile)
+    profile = profile_from_args(args)
     fingerprint = dataset_fingerprint(ds)
     # a run folder is bound to its dataset, profile and seed: checked before anything is read or written
     check_run_binding(out, profile, ds.num_classes, args.seed, fingerprint)
@@ -148,7 +159,7 @@ def experiment(args: argparse.Namespace) -> int:
     _out_folder(args.out)
     resolve_device(args.device)
     refine = {k: v for k, v in (("rounds", args.rounds), ("beta", args.beta)) if v is not None}
-    profile = get_profile(args.profile, **({"refine": refine} if refine else {}))
+    profile = profile_from_args(args, **({"refine": refine} if refine else {}))
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     settings = exp.ExperimentSettings(profile=profile, methods=args.methods, model=args.model, seed=args.seed,
                                       device=args.device, cases=cases, force=args.force, folds=args.folds,

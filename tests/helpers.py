@@ -32,3 +32,21 @@ def loop_profile(rounds: int = 2, steps: int = 6, every: int = 3, beta: float = 
     p.refine.rounds, p.refine.finetune_steps, p.refine.ema_every, p.refine.beta = rounds, steps, every, beta
     p.refine.batch_size = 1
     return p
+
+
+# The ci-sized check of claim C1 (tests/test_c1.py) and the measurement of its bound (bench/c1_bound.py) share
+# this setting: a baseline trained long enough to segment the training protocol's phantoms, inferred on phantoms
+# with the domain shift, where ISL has something to correct.
+C1_SIZE = (64, 64, 40)
+
+
+def c1_cohort(path: Path, seed: int = 0) -> Path:
+    """6 training phantoms and 4 shifted inference phantoms at 64x64x40 (the ci grid's 8 mm voxels)."""
+    from isl_core.phantoms import CohortSpec, write_cohort
+
+    return write_cohort(path, CohortSpec(n_train=6, n_val=4, n_test=0, size=C1_SIZE, seed=seed, shift=1.0))
+
+
+def c1_profile() -> Profile:
+    """The ci profile with a baseline of 150 steps (at 60 it segments almost nothing, and C1 would be vacuous)."""
+    return get_profile("ci", segment={"max_steps": 150, "val_every": 150, "checkpoint_every": 150})

@@ -160,6 +160,10 @@ PROBES = [
     P("train-corrupt-config", "train {ds} --out {out}", "{out}/config.json",
       lambda w: (w.out.mkdir(), (w.out / "config.json").write_text("{"))),
     P("reproduce-only-unknown", "reproduce --only 99 --out {out}", ["--only", "99"]),
+    P("set-unknown-field", "experiment {ds} --out {out} --set refine.appearence=none", ["--set", "appearence"]),
+    P("set-bad-value", "train {ds} --out {out} --set refine.appearance=mtach", ["--set", "mtach"]),
+    P("set-unknown-stage", "experiment {ds} --out {out} --set registr.iterations=3", ["--set", "registr"]),
+    P("set-no-value", "experiment {ds} --out {out} --set refine.beta", ["--set", "STAGE.FIELD=VALUE"]),
     # dataset.json
     P("dataset-missing", "train {root}/nowhere --out {out}", "nowhere/dataset.json"),
     P("dataset-json-list", "train {ds} --out {out}", "{ds}/dataset.json",

@@ -147,3 +147,27 @@ def test_model_is_stamped_by_content_not_by_path(tiny, tmp_path):
     torch.save(weights, model_b / "model.pt")
     with pytest.raises(UserError, match=r"other settings: model \(other weights\)"):
         run_experiment(tiny, out, _settings(model=str(model_b)))
+
+
+def test_set_options_change_the_profile_and_reach_the_experiment(tiny, tmp_path, monkeypatch):
+    from isl_core import commands
+    from isl_core.cli import build_parser
+
+    args = build_parser().parse_args(["experiment", "ds", "--out", "o", "--profile", "ci", "--beta", "0.5",
+                                      "--set", "refine.appearance=none", "--set", "data.spacing=[6,6,8]",
+                                      "--set", "register.mask_grid=image"])
+    profile = commands.profile_from_args(args, refine={"beta": 0.5})
+    assert (profile.refine.appearance, profile.refine.beta, profile.register.mask_grid) == ("none", 0.5, "image")
+    assert profile.data.spacing == (6, 6, 8) and profile.name == "ci"
+    # the experiment gets the changed profile, which its settings stamp records (a rerun with others is refused)
+    seen = {}
+
+    def record(dataset, out, settings):
+        seen["s"] = settings
+        return {"methods": {}}
+
+    monkeypatch.setattr("isl_core.experiment.run_experiment", record)
+    args = build_parser().parse_args(["experiment", str(tiny), "--out", str(tmp_path / "o"), "--profile", "ci",
+                                      "--set", "refine.appearance=none"])
+    commands.experiment(args)
+    assert seen["s"].profile.refine.appearance == "none"
