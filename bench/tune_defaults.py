@@ -22,6 +22,10 @@ Example (the cohorts of docs/paper_reconstruction.md)::
 
     isl data synth /tmp/tune-phantom --variation inter-patient --n-train 18 --n-val 8 --seed 1000
     python bench/tune_defaults.py /tmp/tune-phantom --work /tmp/tune-phantom-runs --name phantom
+    # the same question on a finer grid: --set applies to the baseline and every variant
+    python bench/tune_defaults.py /tmp/tune-sample --work /tmp/tune-sample-6mm --name sample_6mm \
+        --variants default,finetune-60 --set 'data.spacing=[6,6,8]' --set 'data.shape=[64,64,40]' \
+        --set 'segment.patch_size=[64,64,40]'
 """
 
 from __future__ import annotations
@@ -67,21 +71,24 @@ def main() -> None:
     ap.add_argument("--name", required=True, help="name of the results file: tuning_<name>.json")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                    help="a profile change applied to the baseline and to every variant (e.g. a finer grid)")
     args = ap.parse_args()
+    common = [a for s in args.set for a in ("--set", s)]
     work = Path(args.work)
     model = work / "baseline"
-    _isl("train", args.dataset, "--out", str(model), "--profile", "quick", "--device", args.device)
+    _isl("train", args.dataset, "--out", str(model), "--profile", "quick", "--device", args.device, *common)
     tables, organs = {}, {}
     for name in args.variants.split(","):
         methods, sets = VARIANTS[name]
         out = work / name
         _isl("experiment", args.dataset, "--out", str(out), "--model", str(model), "--methods", methods,
-             "--profile", "quick", "--device", args.device, *[a for s in sets for a in ("--set", s)])
+             "--profile", "quick", "--device", args.device, *common, *[a for s in sets for a in ("--set", s)])
         tables[name] = _per_case(out)
         summary = json.loads((out / "summary.json").read_text())
         organs[name] = {m: v["per_organ_dice"] for m, v in summary["methods"].items()}
     ref = tables["default"]
-    result = {"dataset": str(args.dataset), "n_cases": int(len(ref)), "variants": {}}
+    result = {"dataset": str(args.dataset), "n_cases": int(len(ref)), "common_settings": args.set, "variants": {}}
     for name, table in tables.items():
         entry = {"settings": VARIANTS[name][1], "mean_dice": table.mean().round(4).to_dict(),
                  "per_organ_dice": organs[name]}

@@ -277,7 +277,7 @@ def _smoke() -> Profile:
 
 
 def _quick() -> Profile:
-    # A laptop CPU: the README demo (on 2 cores the seven-method experiment takes about 6 minutes, all notebooks 12).
+    # A laptop CPU: the README demo (on 2 cores the seven-method experiment takes about 6 minutes, all notebooks 14).
     # 8 mm voxels cover the synthetic cohort's whole field of view in 48x48x32 voxels, so a training step takes
     # a fraction of a second.
     return Profile(

@@ -1,0 +1,91 @@
+"""The claims tables in the README and docs/claims.md are the committed runs' numbers, recomputed from their tables.
+
+``docs/claims_runs/`` holds each documented run's ``summary.json`` and ``per_case.csv``. These tests recompute the
+claims from the per-case table with the kit's own statistics and check that the summary and every table row quoted
+in the documents agree, so a change of the statistics or a hand edit of a number cannot leave the documents stale.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from isl_core.claims import claims
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "docs" / "claims_runs"
+NAMES = ["phantom", "sample", "phantom_appearance_none", "sample_6mm"]
+COMPARISON = {"C1": "isl-mask-ema vs baseline", "C2": "isl-mask vs isl-intensity", "C3": "isl-mask-ema vs isl-mask"}
+
+
+def _summary(name: str) -> dict:
+    return json.loads((RUNS / f"summary_{name}.json").read_text())
+
+
+def _claim_row(key: str, c: dict) -> str:
+    """One C1-C3 row as the documents print it."""
+    return (f"| {key} | {COMPARISON[key]} | {c['n']} | {c['delta']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] "
+            f"| {c['p_value']:.3g} | {c['p_holm']:.3g} | **{c['verdict']}** |")
+
+
+def _organ_row(organ: str, c: dict) -> str:
+    return (f"| {organ.replace('_', ' ')} | {c['n']} | {c['delta']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] "
+            f"| {c['p_holm']:.3g} | {c['verdict']} |")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_summary_is_what_the_statistics_give_for_its_per_case_table(name):
+    per_case = pd.read_csv(RUNS / f"per_case_{name}.csv")
+    recomputed, stored = claims(per_case), _summary(name)["claims"]
+    for key in ("C1", "C2", "C3"):
+        for field in ("delta", "p_value", "p_holm"):
+            assert recomputed[key][field] == pytest.approx(stored[key][field], rel=1e-6, abs=1e-12), (key, field)
+        assert recomputed[key]["ci95"] == pytest.approx(stored[key]["ci95"], abs=1e-9)
+        assert recomputed[key]["verdict"] == stored[key]["verdict"]
+    assert recomputed["C4"].keys() == stored["C4"].keys()
+    for organ, c in recomputed["C4"].items():
+        assert c["delta"] == pytest.approx(stored["C4"][organ]["delta"], abs=1e-9)
+        assert c["verdict"] == stored["C4"][organ]["verdict"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_claims_md_quotes_every_row_of_every_run(name):
+    text = (ROOT / "docs" / "claims.md").read_text()
+    c = _summary(name)["claims"]
+    for key in ("C1", "C2", "C3"):
+        assert _claim_row(key, c[key]) in text, f"docs/claims.md: {name} {key} row differs from the run"
+    for organ, row in c["C4"].items():
+        assert _organ_row(organ, row) in text, f"docs/claims.md: {name} C4 {organ} row differs from the run"
+    _assert_means_quoted(text, _summary(name), "docs/claims.md")
+
+
+def _assert_means_quoted(text: str, summary: dict, where: str) -> None:
+    flat = " ".join(text.split())
+    for m, v in summary["methods"].items():
+        assert f"{m} {v['mean_dice']:.3f}" in flat, f"{where}: the mean Dice of {m} ({v['mean_dice']:.4f}) is missing"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_readme_headline_quotes_the_runs(name):
+    text = (ROOT / "README.md").read_text()
+    summary = _summary(name)
+    for key in ("C1", "C2", "C3"):
+        assert _claim_row(key, summary["claims"][key]) in text, f"README: {name} {key} row differs from the run"
+    _assert_means_quoted(text, summary, "README")
+
+
+def test_readme_c4_table_has_each_runs_organ_deltas_and_verdicts():
+    text = (ROOT / "README.md").read_text()
+    c4 = {name: _summary(name)["claims"]["C4"] for name in NAMES}
+    for organ in c4["phantom"]:
+        cells = []
+        for name in NAMES:
+            row = c4[name].get(organ)
+            cells.append("(outside the CT)" if row is None else
+                         f"{row['delta']:+.3f}" + (" *" if row["verdict"] == "supported" else ""))
+        assert all(c4[n][o]["verdict"] != "contradicted" for n in NAMES for o in c4[n])  # the legend says none are
+        line = f"| {organ.replace('_', ' ')} | " + " | ".join(cells) + " |"
+        assert line in text, f"README C4 table: {line}"
