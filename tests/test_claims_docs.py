@@ -89,3 +89,18 @@ def test_readme_c4_table_has_each_runs_organ_deltas_and_verdicts():
         assert all(c4[n][o]["verdict"] != "contradicted" for n in NAMES for o in c4[n])  # the legend says none are
         line = f"| {organ.replace('_', ' ')} | " + " | ".join(cells) + " |"
         assert line in text, f"README C4 table: {line}"
+
+
+def test_readme_demo_table_is_the_committed_demo_summary():
+    """The README's demo table quotes docs/demo_summary_quick.json, row by row, and the notebooks' summary agrees."""
+    summary = json.loads((ROOT / "docs" / "demo_summary_quick.json").read_text())
+    text = (ROOT / "README.md").read_text().replace("**", "")
+    for m, v in summary["methods"].items():
+        test = summary["paired_tests"].get(f"{m}_vs_baseline")
+        delta = "– | –" if test is None else f"{test['delta_mean_dice']:+.3f} | {test['p_value']:.3f}"
+        row = f"| {m} | {v['mean_dice']:.3f} | {delta} | {v['mean_hd95_mm']:.1f} |"
+        assert row in text, f"README demo table: {row} missing"
+    notebook = " ".join((ROOT / "notebooks" / "06_cohort_results.ipynb").read_text().split())
+    for m, v in summary["methods"].items():
+        if m != "baseline":
+            assert f"({v['mean_dice']:.3f})" in notebook, f"notebook 06 summary: {m} {v['mean_dice']:.3f} missing"
