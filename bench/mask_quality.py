@@ -26,7 +26,7 @@ import torch
 from scipy.stats import spearmanr
 
 from isl_core.cli import _setting
-from isl_core.config import get_profile
+from isl_core.commands import profile_from_args
 from isl_core.data import load_case, load_cases, load_dataset
 from isl_core.evaluate import organ_metrics
 from isl_core.fusion import fuse
@@ -80,13 +80,10 @@ def main() -> None:
     ap.add_argument("--name", required=True, help="name of the results file: mask_quality_<name>.json")
     ap.add_argument("--profile", default="quick")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--set", action="append", default=[], type=_setting, metavar="STAGE.FIELD=VALUE",
+    ap.add_argument("--set", dest="settings", action="append", default=[], type=_setting, metavar="STAGE.FIELD=VALUE",
                     help="a profile change, as for isl experiment (the baseline must have been trained with it)")
     args = ap.parse_args()
-    merged: dict[str, dict] = {}
-    for stage, name, value in args.set:
-        merged.setdefault(stage, {})[name] = value
-    profile = get_profile(args.profile, **merged)
+    profile = profile_from_args(args)
     ds = load_dataset(args.dataset)
     net0, _ = load_segmenter(Path(args.model), args.device)
     atlases = Atlases.from_cases(load_cases(ds.training, profile.data, ds.modality), profile.data.spacing)
@@ -102,7 +99,7 @@ def main() -> None:
     rho, p = spearmanr(per_organ["target minus fusion"], per_organ["mask minus intensity"])
     rho0, p0 = spearmanr(per_organ["P0"], per_organ["mask minus intensity"])
     result = {"dataset": str(args.dataset), "model": str(args.model), "profile": args.profile,
-              "settings": [f"{stage}.{name}={json.dumps(value)}" for stage, name, value in args.set],
+              "settings": [f"{stage}.{name}={json.dumps(value)}" for stage, name, value in args.settings],
               "n_cases": len(ds.validation), "mask_from_round": profile.refine.mask_from_round,
               "per_organ_mean_dice": per_organ.round(4).to_dict(orient="index"),
               "mean_over_organs": per_organ.mean().round(4).to_dict(),
