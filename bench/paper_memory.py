@@ -33,7 +33,8 @@ from registration import _rss_mb, device_name, device_slug, sync  # noqa: E402
 
 from isl_core.appearance import atlas_consensus, match_appearance  # noqa: E402
 from isl_core.config import get_profile  # noqa: E402
-from isl_core.refine import Finetuner, adapt  # noqa: E402
+from isl_core.finetune import Finetuner  # noqa: E402
+from isl_core.refine import adapt  # noqa: E402
 from isl_core.register import Atlases, register_atlases  # noqa: E402
 from isl_core.runtime import resolve_device  # noqa: E402
 from isl_core.segment import build_network, predict_proba  # noqa: E402

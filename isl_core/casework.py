@@ -26,19 +26,26 @@ from isl_core.config import Profile
 from isl_core.data import DatasetError, load_cases, read_dataset_json, write_prediction
 from isl_core.evaluate import evaluate_predictions
 from isl_core.fusion import fuse
-from isl_core.refine import as_batch
+from isl_core.refine import Variant, as_batch
 from isl_core.register import Atlases, register_atlases
 from isl_core.runtime import UserError, read_json, resolve_device, seed_everything, write_csv, write_json
 from isl_core.segment import MODEL, load_segmenter, predict_proba, train_segmenter
-from isl_core.sharing import Variant, adapt_variants
+from isl_core.sharing import adapt_variants
 
-#: method -> (registration supervision, moving average, initial mask from MALF)
-ISL_VARIANTS: dict[str, tuple[str, bool, bool]] = {
-    "isl-intensity": ("intensity", False, False),
-    "isl-intensity-ema": ("intensity", True, False),
-    "isl-mask": ("mask", False, False),
-    "isl-mask-ema": ("mask", True, False),
-    "isl-mask-ema-malf": ("mask", True, True),
+#: Every method that runs the ISL loop (isl_core.refine), as the loop's choices. "mask" stands for the profile's
+#: ``register.supervision_mask``; an unset ``ema`` or ``beta`` is the profile's. Add an arm here and nowhere else.
+LOOP_METHODS: dict[str, Variant] = {
+    "isl-intensity": Variant("intensity", ema=False),
+    "isl-intensity-ema": Variant("intensity", ema=True),
+    "isl-mask": Variant("mask", ema=False),
+    "isl-mask-ema": Variant("mask", ema=True),
+    "isl-mask-ema-malf": Variant("mask", ema=True),  # M0 from MALF: CaseRunner sets initial_mask
+    # control arms: the default ISL variant (isl-mask-ema) without the deformation onto x*; test-time adaptation
+    # on x* alone (self-training on its own moving-average prediction; TENT); C2 at a matched registration budget
+    "finetune-atlases": Variant("none", ema=True),
+    "pseudo-label": Variant("none", ema=True, target="pseudo-label"),
+    "tent": Variant("none", ema=False, target="entropy"),
+    "isl-intensity-matched": Variant("intensity", ema=False, matched_budget=True),
 }
 BASELINE_STAMP = "experiment_stamp.json"  # beside a baseline the experiment trained: what it was trained on
 
@@ -69,19 +76,18 @@ class CaseRunner:
             t_fuse = time.perf_counter() - t0
             out["malf"] = (malf, t_base + t_int + t_fuse)
         variants, initial_seconds = {}, {}
-        for method, (supervision, ema, from_malf) in ISL_VARIANTS.items():
+        for method, variant in LOOP_METHODS.items():
             if method not in methods:
                 continue
-            initial = None
-            if from_malf:
+            if method == "isl-mask-ema-malf":
                 blend = self.profile.refine.malf_blend
-                initial = blend * malf + (1 - blend) * p0
+                variant = dataclasses.replace(variant, initial_mask=blend * malf + (1 - blend) * p0)
                 # the MALF estimate costs its fusion, plus its registration unless round 1 aligns intensities
                 # anyway (then adapt_variants already charges that registration to this method)
                 initial_seconds[method] = t_fuse + (t_int if self.profile.refine.mask_from_round <= 1 else 0.0)
-            if supervision == "mask":
-                supervision = self.profile.register.supervision_mask
-            variants[method] = Variant(supervision, ema, initial_mask=initial)  # beta: the profile's
+            if variant.supervision == "mask":
+                variant = dataclasses.replace(variant, supervision=self.profile.register.supervision_mask)
+            variants[method] = variant
         if variants:
             results = adapt_variants(self.net0, x, self.atlases, self.profile, self.num_classes, variants,
                                      intensity_registration=reg_int, probs0=(p0, t_base), keep_history=False,

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from isl_core.casework import ISL_VARIANTS, BaselineJob, CaseJob, CaseRunner, case_done, run_case, train_baseline
+from isl_core.casework import LOOP_METHODS, BaselineJob, CaseJob, CaseRunner, case_done, run_case, train_baseline
 from isl_core.claims import claims as claims_of
 from isl_core.config import DEFAULT_METHODS, METHODS, Profile, get_profile
 from isl_core.data import Dataset, load_dataset
@@ -40,7 +40,7 @@ from isl_core.folds import Fold, case_seeds, plan_folds
 from isl_core.runtime import UserError, json_safe, read_json, write_csv, write_json
 from isl_core.stamp import differences, make_stamp, stamp_id
 
-__all__ = ["CaseRunner", "ExperimentSettings", "ISL_VARIANTS", "run_experiment", "write_results"]
+__all__ = ["CaseRunner", "ExperimentSettings", "LOOP_METHODS", "run_experiment", "write_results"]
 
 
 @dataclass

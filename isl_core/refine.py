@@ -1,4 +1,4 @@
-"""Stage 3: inference-specific learning (ISL) for one inference image x*: the paper's loop, in :func:`adapt`.
+"""Stage 3: inference-specific learning (ISL) for one inference image x*: the paper's loop, in :func:`isl_rounds`.
 
     f <- copy of f0 ;  P0 <- softmax(f(x*)) ;  M <- P0            (or an initial mask given by the caller)
     for r = 1..R:
@@ -16,9 +16,15 @@ Why a moving average: a single fine-tuning round can overfit the warped atlases 
 averaging the probability maps over the learning process keeps what is stable. Why update it *during* the
 rounds: with only one update per round, M keeps most of the baseline's errors (``docs/paper_reconstruction.md``).
 
-``f0`` is never modified: every inference case adapts its own copy. Running several variants of the loop on
-the same image shares their common work: :func:`isl_core.sharing.adapt_variants` (same results, checked
-against :func:`adapt` by the tests).
+The loop is written once, as a generator: it *asks* for each round's registration and fine-tuning run (a
+:class:`RegistrationRequest`, a :class:`FinetuneRequest`) and does everything else itself: which registration a
+round needs, the moving average, the seconds each variant is charged, the record of every round. :func:`adapt`
+answers the requests directly for one variant; :func:`isl_core.sharing.adapt_variants` steps several loops
+together and answers equal requests once (same results, checked by the tests). The control arms of the
+experiment are variants of this same loop (:class:`Variant`): fine-tuning on the atlases in their own geometry,
+self-training on x*'s own prediction, TENT, and intensity alignment at mask supervision's budget.
+
+``f0`` is never modified: every inference case adapts its own copy.
 """
 
 from __future__ import annotations
@@ -26,17 +32,41 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from isl_core.appearance import atlas_consensus, augment, match_appearance
 from isl_core.config import Profile, RegisterConfig
-from isl_core.register import Atlases, RegistrationResult, register_atlases
+from isl_core.finetune import Finetuner, FinetuneRun, Target, finetune_run, new_finetuner, predictor
+from isl_core.register import Atlases, RegistrationResult, identity_registration, register_atlases
 from isl_core.runtime import resolve_device
-from isl_core.segment import loss_function, predict_proba, train_step
+
+
+@dataclass(eq=False)
+class Variant:
+    """One method's choices: how the atlases are aligned, what the network learns from, how M follows P."""
+
+    supervision: str | None = None  # "intensity" | "mask" | "both" | "none" (atlases in their own geometry);
+    #                                 None: the profile's register.supervision
+    ema: bool | None = None  # moving average of the predicted mask (off: M <- P); None: the profile's refine.ema
+    beta: float | None = None  # None: the profile's refine.beta
+    initial_mask: torch.Tensor | None = None  # M0 (C,*S); None: M0 = P0
+    target: Target = "atlases"  # what Stage 3 learns from (isl_core.finetune.Target)
+    matched_budget: bool = False  # intensity alignment refined, from mask_from_round on, for as many warm-started
+    #                               steps as mask supervision gets (C2 at a matched registration budget)
+
+    def resolved(self, profile: Profile) -> Variant:
+        """This variant with every unset choice taken from ``profile``; inconsistent choices raise ValueError."""
+        v = dataclasses.replace(self, supervision=self.supervision or profile.register.supervision,
+                                ema=profile.refine.ema if self.ema is None else self.ema,
+                                beta=profile.refine.beta if self.beta is None else self.beta)
+        if v.target != "atlases" and v.supervision != "none":
+            raise ValueError(f"a variant that learns from {v.target!r} registers nothing: use supervision='none'")
+        if v.matched_budget and v.supervision != "intensity":
+            raise ValueError("matched_budget refines intensity alignment: use supervision='intensity'")
+        return v
 
 
 @dataclass
@@ -49,7 +79,7 @@ class RoundRecord:
     mask: torch.Tensor | None  # M at the end of the round (C,*S)                   history is not kept
     warped_images: torch.Tensor | None  # (N,1,*S) the inference-specific training set, if kept
     warped_labels: torch.Tensor | None  # (N,*S)
-    folding_fraction: torch.Tensor  # (N,)
+    folding_fraction: torch.Tensor  # (N,); empty when the round registered nothing
     finetune_losses: list[float]
     seconds: dict[str, float]
 
@@ -104,90 +134,157 @@ def round_registration(profile: Profile, supervision: str, r: int) -> RegisterCo
     return dataclasses.replace(profile.register, supervision=supervision if follows_mask else "intensity")
 
 
-def random_patches(images: torch.Tensor, labels: torch.Tensor, patch: tuple[int, ...], gen: torch.Generator,
-                   foreground: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random patch per sample (the same window for image and label); whole volumes when they fit.
+# ---------------------------------------------------------------------------------------------- the requests
 
-    With probability ``foreground`` a sample's patch is centred on a random organ voxel of its label (as Stage 1's
-    ``RandCropByPosNegLabeld`` does): uniform windows on a large grid would mostly miss the small organs.
+
+@dataclass(eq=False)
+class RegistrationRequest:
+    """Deform every atlas onto x* with ``config`` (None: leave them in their own geometry), following ``target``
+    (M, for mask supervision) and starting from ``warm_from``'s displacement when given."""
+
+    config: RegisterConfig | None
+    target: torch.Tensor | None
+    warm_from: RegistrationResult | None
+
+
+@dataclass(eq=False)
+class Network:
+    """Names the network a fine-tuning run left behind, so the next round can continue from it."""
+
+
+@dataclass(eq=False)
+class FinetuneRequest:
+    """Fine-tune, from ``network`` (None: f0), on what ``target`` names, predicting P after each step in ``marks``.
+
+    ``registration`` gives the deformed atlases (target ``"atlases"``); ``mask`` is M where the run reads it (the
+    appearance guide, the pseudo-labels), otherwise None. The answer is a :class:`FinetuneRun` plus the
+    :class:`Network` it produced.
     """
-    size = images.shape[2:]
-    if all(p >= s for p, s in zip(patch, size)):
-        return images, labels
-    if foreground <= 0:
-        starts = [int(torch.randint(0, max(s - p, 0) + 1, (1,), generator=gen)) for s, p in zip(size, patch)]
-        window = tuple(slice(st, st + min(p, s)) for st, p, s in zip(starts, patch, size))
-        return images[(..., *window)], labels[(..., *window)]
-    xs, ys = [], []
-    for i in range(images.shape[0]):
-        organ = torch.nonzero(labels[i, 0] > 0)
-        if len(organ) and float(torch.rand((), generator=gen)) < foreground:
-            centre = organ[int(torch.randint(0, len(organ), (1,), generator=gen))].tolist()
+
+    network: Network | None
+    target: Target
+    registration: RegistrationResult | None
+    mask: torch.Tensor | None
+    marks: frozenset[int]
+
+
+def _registration_request(profile: Profile, v: Variant, r: int, mask: torch.Tensor,
+                          previous: RegistrationResult | None) -> RegistrationRequest:
+    """Round ``r``'s registration: none, the intensity alignment, or a warm-startable one following M."""
+    if v.supervision == "none":
+        return RegistrationRequest(None, None, None)
+    cfg = round_registration(profile, v.supervision, r)
+    refines = cfg.supervision != "intensity" or (v.matched_budget and r >= profile.refine.mask_from_round)
+    if not refines:
+        return RegistrationRequest(cfg, None, None)
+    warm = previous if previous is not None and cfg.warm_start_iterations > 0 else None
+    return RegistrationRequest(cfg, mask if cfg.supervision != "intensity" else None, warm)
+
+
+def _reads_mask(profile: Profile, v: Variant) -> bool:
+    """Whether a round's fine-tuning reads M: as pseudo-labels, TENT's patch places, or the appearance guide."""
+    guide = profile.refine.appearance == "match" and profile.refine.appearance_guide == "mask"
+    return v.target != "atlases" or guide
+
+
+Step = RegistrationRequest | FinetuneRequest | RoundRecord
+
+
+def isl_rounds(profile: Profile, variant: Variant, probs0: torch.Tensor, seconds0: float,
+               intensity_registration: RegistrationResult | None = None, keep_history: bool = True,
+               keep_atlases: bool = True) -> Generator[Step, object, ISLResult]:
+    """The ISL loop of one variant, from P0 (C,*S) predicted in ``seconds0``; returns its :class:`ISLResult`.
+
+    Yields a :class:`RegistrationRequest` or :class:`FinetuneRequest` whenever it needs one (send the answer:
+    a ``RegistrationResult``, or a ``(FinetuneRun, Network)``), and every round's :class:`RoundRecord` (send None).
+    An alignment that does not follow M (intensity, or none) is asked for once and reused in every round;
+    ``intensity_registration`` hands in one already computed. ``keep_history=False`` keeps only the final
+    probabilities; ``keep_atlases`` the training set of every round.
+    """
+    v, cfg = variant.resolved(profile), profile.refine
+    marks = frozenset(update_marks(profile, v.ema))
+    mask = probs0.clone() if v.initial_mask is None else torch.as_tensor(v.initial_mask).float().cpu().clone()
+    result = ISLResult(probs0=probs0.clone(), final_probs=probs0, mask_updates=[mask.clone()] if keep_history else [],
+                       seconds={"inference": seconds0, "registration": 0.0, "finetune": 0.0})
+    reused = {"intensity": intensity_registration} if intensity_registration is not None else {}
+    charged: set[int] = set()  # registrations already in this variant's seconds (a reused one costs once)
+    previous, network, probs = None, None, probs0
+
+    for r in range(1, cfg.rounds + 1):
+        target = mask
+        # Stage 2: deform every atlas onto x* (alignment that ignores M is computed once and reused)
+        reg = None
+        if v.target == "atlases":
+            ask = _registration_request(profile, v, r, mask, previous)
+            if ask.target is None and ask.warm_from is None:  # follows nothing that changes: one for every round
+                fixed = "none" if ask.config is None else ask.config.supervision
+                if fixed not in reused:
+                    reused[fixed] = yield ask
+                reg = reused[fixed]
+            else:
+                reg = yield ask
+            previous = reg
+        # Stage 3: fine-tune, then fold every new P into M
+        run, network = yield FinetuneRequest(network, v.target, reg, mask if _reads_mask(profile, v) else None, marks)
+        for step in sorted(k for k in run.probs_at if k in marks):
+            mask = ema_update(mask, run.probs_at[step], v.beta) if v.ema else run.probs_at[step]
+            if keep_history:
+                result.mask_updates.append(mask.clone())
+        probs = run.probs_at[max(run.probs_at)]
+
+        seconds = {"registration": 0.0 if reg is None or id(reg) in charged else reg.seconds, **run.seconds}
+        if reg is not None:
+            charged.add(id(reg))
+        for k, value in seconds.items():
+            result.seconds[k] += value
+        kept = run.trained_on if keep_atlases else (None, None)
+        folding = reg.folding_fraction.detach().cpu() if reg is not None else torch.zeros(0)
+        record = RoundRecord(r, target if keep_history else None, probs.clone() if keep_history else None,
+                             mask.clone() if keep_history else None, *kept, folding, run.losses, seconds)
+        result.rounds.append(record)
+        yield record
+
+    result.final_probs = mask if v.ema else probs
+    result.seconds["total"] = sum(result.seconds.values())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- answering them
+
+
+def register_request(ask: RegistrationRequest, x: torch.Tensor, atlases: Atlases, num_classes: int,
+                     device: torch.device) -> RegistrationResult:
+    """The registration a :class:`RegistrationRequest` asks for."""
+    if ask.config is None:
+        return identity_registration(atlases, num_classes, device)
+    warm = ask.warm_from.displacement if ask.warm_from is not None else None
+    target = ask.target[None] if ask.target is not None else None
+    return register_atlases(x, atlases, ask.config, num_classes, target_mask=target, init_displacement=warm,
+                            device=device)
+
+
+def run_finetuning(tuner: Finetuner, ask: FinetuneRequest, x: torch.Tensor, atlases: Atlases,
+                   marks: set[int] | frozenset[int] | None = None) -> FinetuneRun:
+    """The fine-tuning run a :class:`FinetuneRequest` asks for, on ``tuner`` (P at ``marks``, default the ask's)."""
+    return finetune_run(tuner, ask.target, ask.registration, ask.mask, x, atlases,
+                        tuner.profile.refine.finetune_steps, set(ask.marks if marks is None else marks))
+
+
+def drive(loop: Generator[Step, object, ISLResult], answer: Callable[[RegistrationRequest | FinetuneRequest], object],
+          on_round: Callable[[RoundRecord], None] | None = None) -> ISLResult:
+    """Run one loop to its end, answering each request with ``answer``."""
+    step = next(loop)
+    while True:
+        if isinstance(step, RoundRecord):
+            if on_round is not None:
+                on_round(step)
+            reply = None
         else:
-            centre = [int(torch.randint(0, s, (1,), generator=gen)) for s in size]
-        starts = [min(max(c - p // 2, 0), max(s - p, 0)) for c, p, s in zip(centre, patch, size)]
-        window = tuple(slice(st, st + min(p, s)) for st, p, s in zip(starts, patch, size))
-        xs.append(images[(i, ..., *window)])
-        ys.append(labels[(i, ..., *window)])
-    return torch.stack(xs), torch.stack(ys)
-
-
-class Finetuner:
-    """Fine-tunes one network on an inference-specific training set, batch by batch.
-
-    Its generator drives every random choice of the fine-tuning (batches, patches, augmentation, the noise of
-    appearance matching), so two finetuners with the same seed and inputs train identically.
-    """
-
-    def __init__(self, net: nn.Module, profile: Profile, device: torch.device, seed: int):
-        self.net, self.profile, self.device = net, profile, device
-        cfg = profile.refine
-        self.opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=profile.segment.weight_decay)
-        self.loss_fn = loss_function()
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def batch(self, images: torch.Tensor, labels: torch.Tensor, originals: tuple[torch.Tensor, torch.Tensor] | None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.profile.refine
-        n_orig = int(round(cfg.mix_original * cfg.batch_size)) if originals is not None else 0
-        pick = torch.randint(0, images.shape[0], (cfg.batch_size - n_orig,), generator=self.gen)
-        x, y = images[pick], labels[pick]
-        if n_orig:
-            pick_o = torch.randint(0, originals[0].shape[0], (n_orig,), generator=self.gen)
-            x = torch.cat([x, originals[0][pick_o]])
-            y = torch.cat([y, originals[1][pick_o]])
-        seg = self.profile.segment
-        share = seg.pos_neg_ratio / (seg.pos_neg_ratio + 1.0) if cfg.patch_sampling == "foreground" else 0.0
-        x, y = random_patches(x, y[:, None], seg.patch_size, self.gen, share)
-        return augment(x, self.gen, cfg).to(self.device), y.to(self.device)
-
-    def step(self, images: torch.Tensor, labels: torch.Tensor,
-             originals: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
-        x, y = self.batch(images, labels, originals)
-        return train_step(self.net, self.opt, x, y, self.loss_fn, self.profile.segment.grad_clip,
-                          self.profile.segment.amp)
-
-
-def original_set(atlases: Atlases, profile: Profile) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The unwarped training cases that fine-tuning mixes into each batch (``refine.mix_original`` > 0)."""
-    return (atlases.images, atlases.labels.long()) if profile.refine.mix_original > 0 else None
-
-
-def predictor(net: nn.Module, x: torch.Tensor, profile: Profile, device: torch.device) -> Callable[[], torch.Tensor]:
-    """A function returning P = softmax(net(x*)) (C,*S) on the CPU, for the network as it is when called."""
-    return lambda: predict_proba(net, x, profile.segment, device)[0].cpu()
-
-
-def inference_specific_set(reg: RegistrationResult, x: torch.Tensor, mask: torch.Tensor, profile: Profile,
-                           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """D* of one round: the warped atlases (appearance-matched unless ``refine.appearance = "none"``) and labels."""
-    cfg = profile.refine
-    warped_x, warped_y = reg.warped_images.detach().cpu(), reg.warped_labels.detach().cpu().long()
-    if cfg.appearance == "match":
-        onehot = reg.warped_onehot.detach().cpu()
-        guide = mask if cfg.appearance_guide == "mask" else atlas_consensus(onehot, cfg.consensus_agree)
-        warped_x = match_appearance(warped_x, onehot, x.cpu(), guide, gen)
-    return warped_x, warped_y
+            reply = answer(step)
+        try:
+            step = loop.send(reply)
+        except StopIteration as done:
+            return done.value
 
 
 def as_batch(image: torch.Tensor) -> torch.Tensor:
@@ -200,74 +297,29 @@ def adapt(net0: nn.Module, image: torch.Tensor, atlases: Atlases, profile: Profi
           supervision: str | None = None, ema: bool | None = None, beta: float | None = None,
           initial_mask: torch.Tensor | None = None, intensity_registration: RegistrationResult | None = None,
           keep_atlases: bool = True, device: str | torch.device = "auto", seed: int = 0,
-          on_round: Callable[[RoundRecord], None] | None = None) -> ISLResult:
+          on_round: Callable[[RoundRecord], None] | None = None, variant: Variant | None = None) -> ISLResult:
     """Run ISL on one inference image ``image`` (1,*S) with ``atlases`` on the same grid.
 
     ``supervision``, ``ema`` and ``beta`` override the profile (``register.supervision``, ``refine.ema``,
-    ``refine.beta``). ``initial_mask`` replaces M0 = P0 (the ``isl-mask-ema-malf`` variant).
+    ``refine.beta``); ``variant`` gives every choice at once instead (a control arm, for example).
+    ``initial_mask`` replaces M0 = P0 (the ``isl-mask-ema-malf`` variant).
     ``intensity_registration`` reuses an intensity alignment already computed (the ``malf`` baseline's).
     ``on_round(record)`` is called after every round.
     """
-    cfg = profile.refine
-    supervision = supervision or profile.register.supervision
-    ema = cfg.ema if ema is None else ema
-    beta = cfg.beta if beta is None else beta
+    variant = variant or Variant(supervision, ema, beta, initial_mask)
     device = resolve_device(device)
     x = as_batch(image)
-    tuner = Finetuner(copy.deepcopy(net0).to(device), profile, device, seed)  # f0 itself is never touched
-    predict = predictor(tuner.net, x, profile, device)
-    originals, marks = original_set(atlases, profile), update_marks(profile, ema)
+    tuners: list[Finetuner] = []  # the one network this variant fine-tunes, round after round
 
-    # Stage 1's estimate: P0 and the initial mask M0
+    def answer(ask):
+        if isinstance(ask, RegistrationRequest):
+            return register_request(ask, x, atlases, num_classes, device)
+        if not tuners:
+            tuners.append(new_finetuner(net0, ask.target, profile, device, seed))
+        return run_finetuning(tuners[0], ask, x, atlases), Network()
+
     t0 = time.perf_counter()
-    probs = predict()
-    result = ISLResult(probs0=probs.clone(), final_probs=probs,
-                       seconds={"inference": time.perf_counter() - t0, "registration": 0.0, "finetune": 0.0})
-    mask = probs.clone() if initial_mask is None else torch.as_tensor(initial_mask).float().cpu().clone()
-    result.mask_updates.append(mask.clone())
-    intensity_reg, charged_intensity, previous = intensity_registration, False, None
-
-    for r in range(1, cfg.rounds + 1):
-        target = mask
-        seconds = {"registration": 0.0, "finetune": 0.0, "inference": 0.0}
-        # Stage 2: deform every atlas onto x*. Intensity alignment ignores M, so it is computed once; mask
-        # supervision follows M, starting from the previous round's alignment when warm starts are on.
-        round_cfg = round_registration(profile, supervision, r)
-        if round_cfg.supervision == "intensity":
-            if intensity_reg is None:
-                intensity_reg = register_atlases(x, atlases, round_cfg, num_classes, device=device)
-            reg = intensity_reg
-            seconds["registration"] = 0.0 if charged_intensity else reg.seconds
-            charged_intensity = True
-        else:
-            warm = previous.displacement if previous is not None and round_cfg.warm_start_iterations > 0 else None
-            reg = register_atlases(x, atlases, round_cfg, num_classes, target_mask=mask[None],
-                                   init_displacement=warm, device=device)
-            seconds["registration"] = reg.seconds
-        previous = reg
-
-        # Stage 3: fine-tune on the inference-specific set D*, folding every new P into M
-        t0 = time.perf_counter()
-        warped_x, warped_y = inference_specific_set(reg, x, mask, profile, tuner.gen)
-        losses = []
-        for step in range(1, cfg.finetune_steps + 1):
-            losses.append(tuner.step(warped_x, warped_y, originals))
-            if step in marks:
-                t1 = time.perf_counter()
-                probs = predict()
-                seconds["inference"] += time.perf_counter() - t1
-                mask = ema_update(mask, probs, beta) if ema else probs
-                result.mask_updates.append(mask.clone())
-        seconds["finetune"] = time.perf_counter() - t0 - seconds["inference"]
-
-        record = RoundRecord(r, target, probs.clone(), mask.clone(), warped_x if keep_atlases else None,
-                             warped_y if keep_atlases else None, reg.folding_fraction.detach().cpu(), losses, seconds)
-        result.rounds.append(record)
-        for k, v in seconds.items():
-            result.seconds[k] += v
-        if on_round is not None:
-            on_round(record)
-
-    result.final_probs = mask if ema else probs
-    result.seconds["total"] = sum(result.seconds.values())
-    return result
+    probs0 = predictor(copy.deepcopy(net0).to(device), x, profile, device)()  # f0 may live on another device
+    loop = isl_rounds(profile, variant, probs0, time.perf_counter() - t0, intensity_registration,
+                      keep_atlases=keep_atlases)
+    return drive(loop, answer, on_round)

@@ -420,3 +420,17 @@ __all__ = [
     "warp", "jacobian_determinant", "folding_fraction", "resize_field", "resize_volume", "affine_to_ddf",
     "affine_coords", "centre_of_mass_affine", "sampling_grid", "sample", "smoothness", "to_onehot", "FastLNCC",
 ]
+
+
+def identity_registration(atlases: Atlases, num_classes: int, device: str | torch.device = "auto"
+                          ) -> RegistrationResult:
+    """The atlases left in their own geometry, as a registration result (zero displacement, nothing folds).
+
+    The ``finetune-atlases`` control arm trains on this: everything ISL does but the deformation onto x*.
+    """
+    dev = resolve_device(device)
+    images = atlases.images.to(dev, torch.float32)
+    onehot = to_onehot(atlases.labels.to(dev), num_classes)
+    n = images.shape[0]
+    return RegistrationResult(torch.zeros(n, 3, *images.shape[2:], device=dev), images, onehot, onehot.argmax(1),
+                              torch.zeros(n), [], 0.0, n)

@@ -50,3 +50,22 @@ def c1_cohort(path: Path, seed: int = 0) -> Path:
 def c1_profile() -> Profile:
     """The ci profile with a baseline of 150 steps (at 60 it segments almost nothing, and C1 would be vacuous)."""
     return get_profile("ci", segment={"max_steps": 150, "val_every": 150, "checkpoint_every": 150})
+
+
+def real_loop_setup(num_classes: int = 3, n_atlases: int = 2, size: tuple[int, int, int] = (16, 16, 16)):
+    """A real tiny network, inference image and atlases, with a 2-round loop profile (mask supervision in round 2):
+    the loop's bookkeeping (sharing, control arms) must hold for the actual computations. -> profile, f0, x, atlases
+    """
+    import torch
+
+    from isl_core.register import Atlases
+    from isl_core.segment import build_network
+
+    torch.manual_seed(0)
+    p = loop_profile(rounds=2, steps=4, every=2, mask_from_round=2)
+    p.segment.channels, p.segment.strides, p.segment.patch_size = (4, 8), (2,), size
+    p.register.iterations, p.register.levels, p.register.warm_start_iterations = 3, 1, 2
+    net0 = build_network(p.segment, num_classes)
+    x = torch.rand(1, *size)
+    atlases = Atlases(torch.rand(n_atlases, 1, *size), torch.randint(0, num_classes, (n_atlases, *size)))
+    return p, net0, x, atlases

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import loop_profile
 
-from isl_core import refine
+from isl_core import finetune, refine
 from isl_core.appearance import atlas_consensus
 from isl_core.config import get_profile
 from isl_core.register import Atlases, RegistrationResult
@@ -43,9 +43,9 @@ def _stub_stages(monkeypatch, predictions):
         calls["steps"] += 1
         return 0.0
 
-    monkeypatch.setattr(refine, "predict_proba", fake_predict)
+    monkeypatch.setattr(finetune, "predict_proba", fake_predict)
     monkeypatch.setattr(refine, "register_atlases", fake_register)
-    monkeypatch.setattr(refine, "train_step", fake_step)
+    monkeypatch.setattr(finetune, "train_step", fake_step)
     return calls
 
 
@@ -147,10 +147,10 @@ def test_foreground_patches_find_a_small_organ():
     labels = torch.zeros(40, 1, 64, 64, 64, dtype=torch.long)
     labels[:, :, 50:54, 8:12, 30:34] = 1  # a small organ far from the centre
     images = torch.rand(40, 1, 64, 64, 64)
-    _, uniform = refine.random_patches(images, labels, (16, 16, 16), gen, foreground=0.0)
-    x, balanced = refine.random_patches(images, labels, (16, 16, 16), gen, foreground=1.0)
+    _, uniform = finetune.random_patches(images, labels, (16, 16, 16), gen, foreground=0.0)
+    x, balanced = finetune.random_patches(images, labels, (16, 16, 16), gen, foreground=1.0)
     assert x.shape == (40, 1, 16, 16, 16) and balanced.shape == (40, 1, 16, 16, 16)
     assert bool((balanced > 0).flatten(1).any(1).all())  # every balanced patch holds the organ
     assert float((uniform > 0).flatten(1).any(1).float().mean()) < 0.3
-    whole = refine.random_patches(images, labels, (64, 64, 64), gen, foreground=1.0)
+    whole = finetune.random_patches(images, labels, (64, 64, 64), gen, foreground=1.0)
     assert whole[0] is images  # a patch as large as the grid is the whole volume, with no random draw

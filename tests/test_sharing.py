@@ -5,10 +5,9 @@ implementations of the method, with a real tiny network and real registrations.
 """
 
 import torch
-from helpers import loop_profile
+from helpers import real_loop_setup
 
-from isl_core import refine, sharing
-from isl_core.register import Atlases
+from isl_core import finetune, refine, sharing
 from isl_core.sharing import Variant
 
 C, N = 3, 2
@@ -18,17 +17,9 @@ C, N = 3, 2
 
 def _tiny_real_setup(guide="atlases"):
     """A real tiny network and real registrations: sharing must hold for the actual computations."""
-    from isl_core.segment import build_network
-
-    torch.manual_seed(0)
-    p = loop_profile(rounds=2, steps=4, every=2, mask_from_round=2)
+    p, net0, x, atlases = real_loop_setup(C, N)
     p.refine.appearance_guide = guide
-    p.segment.channels, p.segment.strides, p.segment.patch_size = (4, 8), (2,), (16, 16, 16)
-    p.register.iterations, p.register.levels, p.register.warm_start_iterations = 3, 1, 2
-    size = (16, 16, 16)
-    net0 = build_network(p.segment, C)
-    x = torch.rand(1, *size)
-    atlases = Atlases(torch.rand(N, 1, *size), torch.randint(0, C, (N, *size)))
+    size = x.shape[1:]
     malf_like = torch.softmax(torch.randn(C, *size), 0)
     variants = {"intensity": Variant("intensity", False, 0.6),
                 "intensity-ema": Variant("intensity", True, 0.6),
@@ -39,7 +30,7 @@ def _tiny_real_setup(guide="atlases"):
 
 def _counting(monkeypatch):
     counts = {"steps": 0, "registrations": 0}
-    step, register = refine.train_step, sharing.register_atlases
+    step, register = finetune.train_step, refine.register_atlases
 
     def counted_step(*a, **k):
         counts["steps"] += 1
@@ -49,9 +40,8 @@ def _counting(monkeypatch):
         counts["registrations"] += 1
         return register(*a, **k)
 
-    monkeypatch.setattr(refine, "train_step", counted_step)
+    monkeypatch.setattr(finetune, "train_step", counted_step)
     monkeypatch.setattr(refine, "register_atlases", counted_register)
-    monkeypatch.setattr(sharing, "register_atlases", counted_register)
     return counts
 
 
