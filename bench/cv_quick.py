@@ -8,6 +8,11 @@ about 30 minutes on 2 CPU cores. Run it on an otherwise idle machine; another he
 double the time. Example::
 
     python bench/cv_quick.py --data /tmp/cv-phantom --out /tmp/cv-bench -- --set refine.appearance=none
+
+The benchmark of the issue "what makes ISL work" (every control arm, one seed)::
+
+    python bench/cv_quick.py --data /tmp/cv-phantom --out /tmp/cv-arms -- --methods \
+        baseline,malf,finetune-atlases,tent,pseudo-label,isl-intensity,isl-intensity-matched,isl-mask,isl-mask-ema
 """
 
 from __future__ import annotations
@@ -66,8 +71,8 @@ def main() -> None:
         "cases_s_per_case": round((wall - baselines) / max(n, 1), 1),
         "goal_s": 1800,
         "mean_dice": {m: round(v["mean_dice"], 4) for m, v in summary["methods"].items()},
-        "claims": {c: {k: summary["claims"][c][k] for k in ("delta", "p_holm", "verdict")}
-                   for c in ("C1", "C2", "C3") if c in summary.get("claims", {})},
+        "claims": {c: {k: v[k] for k in ("delta", "p_holm", "verdict")}
+                   for c, v in summary.get("claims", {}).items() if isinstance(v, dict) and "verdict" in v},
     }
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"cv_quick_{result['date']}_{device_slug(torch.device('cpu'), result['cpu'])}.json"

@@ -253,6 +253,8 @@ def _add_stage_commands(sub) -> None:
                    "case (training + validation): a baseline per fold, each case inferred once")
     p.add_argument("--fold-seed", type=_int_at_least(0), default=0, metavar="S",
                    help="seed of the fold assignment (default 0)")
+    p.add_argument("--seeds", type=_int_at_least(1), metavar="N", help="run every baseline and method with N seeds "
+                   "(--seed, --seed + 1, ...) in OUT/seeds/SEED/; the claims use per-case means over the seeds")
     p.add_argument("--workers", type=_int_at_least(1), metavar="N", help="run the cases on a local Dask cluster of N "
                    "worker processes (one per GPU on a GPU machine; docs/cluster.md)")
     p.add_argument("--scheduler", metavar="ADDRESS", help="run on a running Dask cluster, e.g. tcp://host:8786")

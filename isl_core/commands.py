@@ -163,8 +163,8 @@ def experiment(args: argparse.Namespace) -> int:
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] if args.cases else None
     settings = exp.ExperimentSettings(profile=profile, methods=args.methods, model=args.model, seed=args.seed,
                                       device=args.device, cases=cases, force=args.force, folds=args.folds,
-                                      fold_seed=args.fold_seed, workers=args.workers, scheduler=args.scheduler,
-                                      retries=args.retries)
+                                      fold_seed=args.fold_seed, seeds=args.seeds, workers=args.workers,
+                                      scheduler=args.scheduler, retries=args.retries)
     summary = exp.run_experiment(args.dataset, args.out, settings)
     print(f"report: {Path(args.out) / 'report.md'}")
     for name, m in summary["methods"].items():

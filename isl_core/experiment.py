@@ -60,6 +60,7 @@ class ExperimentSettings:
     workers: int | None = None  # a local Dask cluster with this many worker processes
     scheduler: str | None = None  # or the address of a running Dask scheduler
     retries: int = 2  # extra attempts of a failed or lost case before it is reported as failed
+    seeds: int | None = None  # run everything with this many seeds (seed, seed + 1, ...) and aggregate over them
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -76,6 +77,8 @@ class ExperimentSettings:
             raise UserError("--workers and --scheduler exclude each other: start a local cluster or join one")
         if int(self.retries) < 0:
             raise UserError(f"--retries {self.retries}: must be >= 0")
+        if self.seeds is not None and (isinstance(self.seeds, bool) or int(self.seeds) < 1):
+            raise UserError(f"--seeds {self.seeds}: give at least 1 seed")
 
     def resolved_profile(self) -> Profile:
         return dataclasses.replace(self.profile) if isinstance(self.profile, Profile) else get_profile(self.profile)
@@ -155,6 +158,8 @@ def run_experiment(dataset: str | Path, out: str | Path, settings: ExperimentSet
     if not isinstance(settings, ExperimentSettings):
         raise TypeError(f"settings must be an ExperimentSettings, got {type(settings).__name__}")
     s = settings
+    if s.seeds is not None:
+        return _run_seeds(dataset, Path(out), s, on_case)
     methods = list(dict.fromkeys(["baseline", *s.methods]))  # the paired tests need the baseline
     profile = s.resolved_profile()
     ds = load_dataset(dataset)  # validates every file before any work
@@ -208,17 +213,27 @@ def _collect(out: Path, plan: list[Fold], sid: str) -> tuple[pd.DataFrame, dict[
 def write_results(out: Path, ds: Dataset, methods: Sequence[str], plan: list[Fold], stamp: dict[str, Any],
                   failed: dict[str, str] | None = None) -> dict[str, Any]:
     """Aggregate the finished cases of these settings into per_case.csv, summary.json and report.md."""
-    from isl_core.report import write_report
-
     per_case, seconds, excluded = _collect(out, plan, stamp_id(stamp))
     per_case = per_case[per_case["method"].isin(methods)] if len(per_case) else per_case
+    summary = _summary(per_case, methods, {m: float(np.mean(v)) for m, v in seconds.items()})
+    if stamp.get("folds"):
+        n = per_case["case"].nunique() if len(per_case) else 0
+        summary["protocol"] = {"folds": stamp["folds"], "fold_seed": stamp["fold_seed"], "n_cases": int(n),
+                               "seeds": [stamp["seed"]]}
+    if excluded:  # made with other settings (e.g. left by an earlier --force --cases): never mixed in
+        summary["excluded_cases"] = {"cases": excluded, "reason": "made with other settings; rerun with --force"}
+    return _write_summary(out, ds, summary, per_case, stamp, methods, failed)
+
+
+def _summary(per_case: pd.DataFrame, methods: Sequence[str], seconds: dict[str, float]) -> dict[str, Any]:
+    """Per-method means, paired tests against the baseline and the claims of one per-case table."""
     summary: dict[str, Any] = {"methods": {}, "paired_tests": {}}
     stats = summarize(per_case) if len(per_case) else {}
     for m in methods:
         st = stats.get(m, {})
         summary["methods"][m] = {"mean_dice": st.get("mean_dice", math.nan),
                                  "per_organ_dice": st.get("per_organ_dice", {}),
-                                 "seconds_per_case": float(np.mean(seconds.get(m, [math.nan]))),
+                                 "seconds_per_case": seconds.get(m, math.nan),
                                  "mean_hd95_mm": st.get("mean_hd95_mm", math.nan),
                                  "n_cases": st.get("n_cases", 0)}
     for m in methods:
@@ -228,14 +243,15 @@ def write_results(out: Path, ds: Dataset, methods: Sequence[str], plan: list[Fol
                 "delta_mean_dice": t["delta_mean_dice"], "p_value": t["p_value"], "test": "wilcoxon",
                 "t_test_p_value": t["t_p_value"], "n_cases": t["n_cases"]}
     summary["claims"] = claims_of(per_case) if len(per_case) else {}
-    if stamp.get("folds"):
-        n = per_case["case"].nunique() if len(per_case) else 0
-        summary["protocol"] = {"folds": stamp["folds"], "fold_seed": stamp["fold_seed"], "n_cases": int(n),
-                               "seeds": [stamp["seed"]]}
+    return summary
+
+
+def _write_summary(out: Path, ds: Dataset, summary: dict[str, Any], per_case: pd.DataFrame, stamp: dict[str, Any],
+                   methods: Sequence[str], failed: dict[str, str] | None) -> dict[str, Any]:
+    from isl_core.report import write_report
+
     summary["dataset"] = str(ds.root)
     summary["settings"] = {**stamp, "methods": list(methods)}
-    if excluded:  # made with other settings (e.g. left by an earlier --force --cases): never mixed in
-        summary["excluded_cases"] = {"cases": excluded, "reason": "made with other settings; rerun with --force"}
     if failed:
         summary["failed_cases"] = failed
     summary = json_safe(summary)
@@ -246,3 +262,67 @@ def write_results(out: Path, ds: Dataset, methods: Sequence[str], plan: list[Fol
     write_json(out / "summary.json", summary)
     write_report(out, summary, per_case, ds)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------- several seeds
+
+_KEYS = ["fold", "case", "method", "organ"]
+
+
+def mean_over_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """One row per (case, method, organ) with every numeric column averaged over the ``seed`` column.
+
+    An organ absent from a case is NaN in every seed and stays NaN; the row order is the first seed's.
+    """
+    keys = [k for k in _KEYS if k in per_seed.columns]
+    numeric = [c for c in per_seed.columns if c not in keys + ["seed"] and pd.api.types.is_numeric_dtype(per_seed[c])]
+    means = per_seed.groupby(keys, sort=False, dropna=False)[numeric].mean().reset_index()
+    return means[[c for c in per_seed.columns if c in keys + numeric]]
+
+
+def seed_spread(per_seed: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """How much each method moves with the seed: the standard deviation over seeds of its mean Dice
+    (``sd_of_mean``) and the mean over cases of each case's standard deviation over seeds (``mean_case_sd``)."""
+    case_dice = per_seed.groupby(["seed", "method", "case"], sort=False)["dice"].mean().reset_index()
+    spread = {}
+    for method, rows in case_dice.groupby("method", sort=False):
+        spread[method] = {"sd_of_mean": float(rows.groupby("seed")["dice"].mean().std(ddof=1)),
+                          "mean_case_sd": float(rows.groupby("case")["dice"].std(ddof=1).mean())}
+    return spread
+
+
+def _run_seeds(dataset: str | Path, out: Path, s: ExperimentSettings,
+               on_case: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    """``--seeds N``: the whole experiment once per seed in ``OUT/seeds/SEED/`` (each resumable on its own), then
+    per-case means over the seeds in ``OUT`` (the claims use them) and each seed's rows in ``per_case_seeds.csv``."""
+    seeds = [s.seed + i for i in range(int(s.seeds))]
+    marker = out / "experiment.json"
+    if marker.is_file() and "seeds" not in read_json(marker, "experiment settings"):
+        raise UserError(f"{marker}: this folder holds an experiment run without --seeds; use another --out for the "
+                        "runs over several seeds")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"seeds": seeds, "runs": [str(Path("seeds") / str(seed)) for seed in seeds]})
+    runs = {seed: run_experiment(dataset, out / "seeds" / str(seed),
+                                 dataclasses.replace(s, seed=seed, seeds=None), on_case) for seed in seeds}
+    tables = []
+    for seed in seeds:
+        path = out / "seeds" / str(seed) / "per_case.csv"
+        if path.is_file():
+            tables.append(pd.read_csv(path).assign(seed=seed))
+    per_seed = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    per_case = mean_over_seeds(per_seed) if len(per_seed) else per_seed
+    first = runs[seeds[0]]
+    methods = list(first["methods"])
+    seconds = {m: float(np.nanmean([r["methods"][m]["seconds_per_case"] for r in runs.values()])) for m in methods}
+    summary = _summary(per_case, methods, seconds)
+    if "protocol" in first:
+        summary["protocol"] = {**first["protocol"], "seeds": seeds}
+    else:
+        summary["protocol"] = {"seeds": seeds}
+    if len(per_seed):
+        summary["seeds"] = seed_spread(per_seed)
+        write_csv(per_seed, out / "per_case_seeds.csv")
+    failed = {f"seed {seed}: {case}": why for seed, r in runs.items()
+              for case, why in r.get("failed_cases", {}).items()}
+    stamp = {k: v for k, v in first["settings"].items() if k != "methods"}
+    return _write_summary(out, load_dataset(dataset), summary, per_case, {**stamp, "seed": seeds}, methods, failed)
