@@ -194,3 +194,24 @@ def test_source_vs_grid_measures_the_difference_of_the_two_scorings():
     assert block["baseline"]["source_minus_grid"] == pytest.approx(0.0)
     assert block["malf"]["grid"] == pytest.approx(np.mean(base) + 0.08) and block["malf"]["n"] == 4
     assert "source_vs_grid" not in claims(t.drop(columns="dice_grid"))
+
+
+def test_the_report_prints_both_intervals_the_why_claims_rho_seeds_and_both_scorings():
+    from isl_core import report
+    from isl_core.runtime import json_safe
+
+    base = [0.6, 0.62, 0.58, 0.61, 0.63, 0.59]
+    arms = {"baseline": base, "isl-mask-ema": [b + 0.05 for b in base], "tent": [b + 0.01 for b in base]}
+    t = _table(arms, folds=[0, 0, 1, 1, 2, 2])
+    t = pd.concat([t.assign(seed=0), t.assign(seed=1, dice=t["dice"] + 0.002)], ignore_index=True)
+    t["dice_grid"] = t["dice"] + 0.01
+    summary = json_safe({"claims": claims(t)})
+    table = report.claims_table(summary)
+    assert table["claim"].tolist()[:2] == ["C1", "vs_tent"] and table["claim"].tolist()[2].startswith("C4: ")
+    assert {"ci95", "ci95_folds", "verdict on"} <= set(table.columns)
+    assert table["verdict on"].isin(["ci95", "ci95_folds"]).all()
+    text = "\n".join(report._claims_section(summary) + report._seeds_section(summary["claims"])
+                     + report._grid_section(summary["claims"]))
+    assert "vs_tent: ISL beats TENT on x* alone" in text and "Spearman rho" in text
+    assert "## Spread over seeds" in text and "| tent | 2 |" in text
+    assert "## Scored in the source geometry and on the working grid" in text and "-0.0100" in text
