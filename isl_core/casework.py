@@ -24,7 +24,7 @@ import torch
 
 from isl_core.config import Profile
 from isl_core.data import DatasetError, load_cases, read_dataset_json, write_prediction
-from isl_core.evaluate import evaluate_predictions
+from isl_core.evaluate import evaluate_predictions, with_grid_dice
 from isl_core.fusion import fuse
 from isl_core.refine import Variant, as_batch
 from isl_core.register import Atlases, register_atlases
@@ -238,7 +238,8 @@ def run_case(job: CaseJob, baseline: str | None = None) -> dict[str, Any]:
         write_prediction(probs, pre, out / "predictions" / method / f"{case.id}.nii.gz")
         seconds[method] = secs
         if case.label is not None:
-            frames.append(evaluate_predictions(out / "predictions" / method, [case], ds.labels, method))
+            scored = evaluate_predictions(out / "predictions" / method, [case], ds.labels, method)
+            frames.append(with_grid_dice(scored, probs, pre["label"], ds.labels))
     if frames:
         write_csv(pd.concat(frames, ignore_index=True), out / "cases" / f"{case.id}.csv")
     record = {"case": case.id, "split": case.split, "fold": job.baseline.fold, "methods": seconds,

@@ -42,6 +42,7 @@ __all__ = [
     "paired_tests",
     "paired_tests_table",
     "summarize",
+    "with_grid_dice",
 ]
 
 # --------------------------------------------------------------------------------------------------------------
@@ -52,24 +53,41 @@ def _check_per_case(per_case: pd.DataFrame, metric: str) -> None:
     missing = [c for c in ("case", "method", "organ", metric) if c not in per_case.columns]
     if missing:
         raise ValueError(f"per_case table lacks columns {missing}; it has {list(per_case.columns)}")
-    dup = per_case.duplicated(["case", "method", "organ"])
+    key = ["case", "method", "organ", *_seeds(per_case)]
+    dup = per_case.duplicated(key)
     if dup.any():
-        first = per_case.loc[dup, ["case", "method", "organ"]].iloc[0].tolist()
+        first = per_case.loc[dup, key].iloc[0].tolist()
         raise ValueError(
-            f"per_case table has {int(dup.sum())} duplicate (case, method, organ) rows, e.g. {first}; "
+            f"per_case table has {int(dup.sum())} duplicate ({', '.join(key)}) rows, e.g. {first}; "
             "a case was evaluated twice - drop the stale rows before summarising"
         )
+
+
+def _seeds(per_case: pd.DataFrame) -> list[str]:
+    """``["seed"]`` when the table has a seed column (one row per seed of a case and method), else ``[]``."""
+    return ["seed"] if "seed" in per_case.columns else []
 
 
 def case_means(per_case: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     """Organ average of ``metric`` per (method, case): columns ``method, case, <metric>``.
 
-    NaN organs are skipped; a case with no defined organ gets NaN. Methods and cases keep their first-seen order.
+    NaN organs are skipped; a case with no defined organ gets NaN. With a ``seed`` column the organ average is
+    taken per seed, then averaged over the seeds. Methods and cases keep their first-seen order.
     """
     _check_per_case(per_case, metric)
     vals = pd.to_numeric(per_case[metric], errors="coerce")
-    out = vals.groupby([per_case["method"], per_case["case"]], sort=False).mean()
+    keys = [per_case["method"], per_case["case"], *(per_case[s] for s in _seeds(per_case))]
+    out = vals.groupby(keys, sort=False).mean()
+    if _seeds(per_case):
+        out = out.groupby(level=[0, 1], sort=False).mean()
     return out.rename(metric).reset_index()
+
+
+def _organ_means(rows: pd.DataFrame, metric: str) -> dict[str, float]:
+    """organ -> mean over cases of ``metric`` (each case first averaged over its seeds), NaN skipped."""
+    vals = pd.to_numeric(rows[metric], errors="coerce")
+    per_case = vals.groupby([rows["organ"], rows["case"]], sort=False).mean()
+    return {str(o): _nanmean(g) for o, g in per_case.groupby(level=0, sort=False)}
 
 
 def _methods(per_case: pd.DataFrame) -> list[str]:
@@ -189,12 +207,12 @@ def summarize(per_case: pd.DataFrame) -> dict[str, dict[str, Any]]:
         rows = per_case[per_case["method"] == method]
         entry: dict[str, Any] = {
             "mean_dice": _nanmean(dice_means.loc[dice_means["method"] == method, "dice"]),
-            "per_organ_dice": {str(o): _nanmean(g) for o, g in rows.groupby("organ", sort=False)["dice"]},
+            "per_organ_dice": _organ_means(rows, "dice"),
             "n_cases": int(rows["case"].nunique()),
         }
         if hd_means is not None:
             entry["mean_hd95_mm"] = _nanmean(hd_means.loc[hd_means["method"] == method, "hd95_mm"])
-            entry["per_organ_hd95_mm"] = {str(o): _nanmean(g) for o, g in rows.groupby("organ", sort=False)["hd95_mm"]}
+            entry["per_organ_hd95_mm"] = _organ_means(rows, "hd95_mm")
         out[str(method)] = entry
     return out
 
@@ -275,3 +293,17 @@ def evaluate_predictions(pred_dir: str | Path, cases: Sequence[Any], labels: Map
         except ValueError as e:
             raise DatasetError(f"{pred_path} vs {case.label}: {e}") from None
     return pd.concat(rows, ignore_index=True)
+
+
+def with_grid_dice(rows: pd.DataFrame, probs: Any, grid_label: Any, labels: Mapping[int, str]) -> pd.DataFrame:
+    """``rows`` (one case and method, as :func:`evaluate_predictions` gives them) with a ``dice_grid`` column.
+
+    ``dice_grid`` scores the same organs on the working grid the methods run on: the arg-max of ``probs`` (C,*S)
+    against ``grid_label``, the truth as preprocessing resampled it onto that grid. ``dice`` scores the label
+    map written in the source geometry, after the probabilities were resampled there; the difference between
+    the two is what that resampling (and the soft vote of fusion, smoothed by it) costs or gains.
+    """
+    p = probs.detach().cpu().numpy() if hasattr(probs, "detach") else np.asarray(probs)
+    pred = p.argmax(0)
+    grid = organ_metrics(pred, grid_label, labels, spacing=(1.0,) * pred.ndim, hd95=False)  # Dice ignores spacing
+    return rows.assign(dice_grid=rows["organ"].map(grid.set_index("organ")["dice"]).astype(float))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from isl_core.claims import claims
+from isl_core.claims import claims, organ_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "docs" / "claims_runs"
@@ -46,7 +46,7 @@ def test_committed_summary_is_what_the_statistics_give_for_its_per_case_table(na
         assert recomputed[key]["ci95"] == pytest.approx(stored[key]["ci95"], abs=1e-9)
         assert recomputed[key]["verdict"] == stored[key]["verdict"]
     assert recomputed["C4"].keys() == stored["C4"].keys()
-    for organ, c in recomputed["C4"].items():
+    for organ, c in organ_rows(recomputed["C4"]).items():
         assert c["delta"] == pytest.approx(stored["C4"][organ]["delta"], abs=1e-9)
         assert c["verdict"] == stored["C4"][organ]["verdict"]
 
@@ -58,7 +58,7 @@ def test_claims_md_quotes_every_row_of_every_run(name):
     c = summary["claims"]
     for key in ("C1", "C2", "C3"):
         assert _claim_row(key, c[key]) in text, f"docs/claims.md: {name} {key} row differs from the run"
-    for organ, row in c["C4"].items():
+    for organ, row in organ_rows(c["C4"]).items():
         assert _organ_row(organ, row) in text, f"docs/claims.md: {name} C4 {organ} row differs from the run"
     _assert_means_quoted(text, summary, "docs/claims.md")
 
@@ -80,7 +80,7 @@ def test_readme_headline_quotes_the_runs(name):
 
 def test_readme_c4_table_has_each_runs_organ_deltas_and_verdicts():
     text = (ROOT / "README.md").read_text()
-    c4 = {name: _summary(name)["claims"]["C4"] for name in NAMES}
+    c4 = {name: organ_rows(_summary(name)["claims"]["C4"]) for name in NAMES}
     assert all(c4[n][o]["verdict"] != "contradicted" for n in NAMES for o in c4[n])  # the legend says none are
     for organ in c4["phantom"]:
         cells = []
@@ -105,3 +105,22 @@ def test_readme_demo_table_is_the_committed_demo_summary():
     for m, v in summary["methods"].items():
         if m != "baseline":
             assert f"({v['mean_dice']:.3f})" in notebook, f"notebook 06 summary: {m} {v['mean_dice']:.3f} missing"
+
+
+def test_claims_md_quotes_the_intervals_over_folds_and_c4s_rank_correlation():
+    text = (ROOT / "docs" / "claims.md").read_text()
+    flat = " ".join(text.split())
+    claims_of = {name: _summary(name)["claims"] for name in NAMES}
+    for key in ("C1", "C2", "C3"):
+        cells = [f"[{claims_of[n][key]['ci95_folds'][0]:+.3f}, {claims_of[n][key]['ci95_folds'][1]:+.3f}]"
+                 for n in NAMES]
+        assert f"| {key} | " + " | ".join(cells) + " |" in text, f"docs/claims.md: {key}'s intervals over folds"
+    for name in NAMES:
+        c4 = claims_of[name]["C4"]
+        rho = f"{c4['rho_baseline_vs_gain']:+.2f} (p {c4['rho_p_value']:.2g}, {c4['rho_n_organs']} organs)"
+        assert rho in flat, f"docs/claims.md: {name}'s rho {rho}"
+        gb = c4["gallbladder_relative_gain"]
+        assert f"{gb['relative_gain']:.3f} (rank {gb['rank']} of {gb['n_organs']})" in flat, name
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    rhos = ", ".join(f"{claims_of[n]['C4']['rho_baseline_vs_gain']:+.2f}" for n in NAMES)
+    assert f"Spearman rho over organs {rhos};" in readme, f"README: C4's rho {rhos}"

@@ -259,6 +259,44 @@ def test_duplicate_rows_are_refused():
         ev.summarize(pd.concat([df, df.iloc[:1]]))
 
 
+def test_seeds_are_averaged_per_case_after_the_organ_average():
+    rows = []
+    # case a, seed 0: liver 0.9, gallbladder undefined (organ average 0.9); seed 1: liver 0.7, gallbladder 0.3
+    for seed, liver, gb in ((0, 0.9, np.nan), (1, 0.7, 0.3)):
+        rows += [{"case": "a", "method": "isl", "organ": "liver", "dice": liver, "seed": seed},
+                 {"case": "a", "method": "isl", "organ": "gallbladder", "dice": gb, "seed": seed},
+                 {"case": "b", "method": "isl", "organ": "liver", "dice": 0.6, "seed": seed},
+                 {"case": "b", "method": "isl", "organ": "gallbladder", "dice": 0.4, "seed": seed}]
+    df = pd.DataFrame(rows)
+    means = ev.case_means(df).set_index("case")["dice"]
+    assert means["a"] == pytest.approx((0.9 + 0.5) / 2)  # per seed first: not (0.9 + 0.7 + 0.3) / 3
+    assert means["b"] == pytest.approx(0.5)
+    s = ev.summarize(df)["isl"]
+    assert s["mean_dice"] == pytest.approx((0.7 + 0.5) / 2) and s["n_cases"] == 2
+    assert s["per_organ_dice"]["liver"] == pytest.approx((0.8 + 0.6) / 2)  # case a's seeds first: 0.8
+    assert s["per_organ_dice"]["gallbladder"] == pytest.approx((0.3 + 0.4) / 2)
+    one = df[df["seed"] == 1]
+    assert ev.summarize(one) == ev.summarize(one.drop(columns="seed"))  # one seed: as without the column
+    with pytest.raises(ValueError, match="duplicate"):
+        ev.summarize(pd.concat([df, df.iloc[:1]]))
+
+
+def test_grid_dice_scores_the_argmax_of_the_probabilities_against_the_grid_label():
+    grid_label = torch.zeros((1, 6, 6, 4))
+    grid_label[0, 0:4, 0:3, :] = 1  # liver: 12 voxels a slice
+    grid_label[0, 4:6, 4:6, :] = 2  # spleen
+    probs = torch.zeros((5, 6, 6, 4))
+    probs[0] = 0.5
+    probs[1, 0:4, 0:2, :] = 0.9  # liver predicted on 8 of its 12 voxels a slice, nothing outside
+    probs[2, 4:6, 4:6, :] = 0.9  # spleen exact
+    rows = pd.DataFrame({"case": "c", "method": "m", "organ": ["liver", "spleen", "kidney", "gallbladder"],
+                         "dice": [0.1, 0.2, np.nan, np.nan]})
+    out = ev.with_grid_dice(rows, probs, grid_label, LABELS)
+    assert out["dice"].tolist()[:2] == [0.1, 0.2]  # the source-geometry column is left alone
+    assert out["dice_grid"].tolist()[:2] == pytest.approx([2 * 8 / (8 + 12), 1.0])
+    assert out["dice_grid"][2:].isna().all()  # absent from both: undefined, as in the source scoring
+
+
 def test_write_csv_atomic_roundtrip(tmp_path: Path):
     truth = np.zeros((6, 6, 6), dtype=np.uint8)
     truth[1:3, 1:3, 1:3] = 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import tiny_cohort, tiny_profile
 
+from isl_core.claims import organ_rows
 from isl_core.data import load_dataset
 from isl_core.experiment import ExperimentSettings, run_experiment
 from isl_core.runtime import UserError
@@ -45,12 +46,16 @@ def test_summary_has_every_field_of_the_contract(experiment, small_cohort):
         c = summary["claims"][claim]
         assert {"delta", "ci95", "p_value", "p_holm", "n", "verdict"} <= set(c) and c["n"] == 2
         assert c["verdict"] in ("supported", "not shown", "contradicted")
-    assert set(summary["claims"]["C4"]) <= organs and "protocol" not in summary  # no folds: the dataset's split
+    assert set(organ_rows(summary["claims"]["C4"])) <= organs and "protocol" not in summary  # no folds
     per_case = pd.read_csv(experiment / "per_case.csv")
-    assert {"case", "method", "organ", "dice", "hd95_mm", "seconds", "worker"} <= set(per_case.columns)
+    assert {"case", "method", "organ", "dice", "dice_grid", "hd95_mm", "seconds", "worker"} <= set(per_case.columns)
     assert "fold" not in per_case.columns
+    grid = per_case.dropna(subset=["dice", "dice_grid"])  # both scorings of the same predictions agree roughly
+    assert grid["dice_grid"].between(0, 1).all() and (grid["dice"] - grid["dice_grid"]).abs().mean() < 0.1
+    assert set(summary["claims"]["source_vs_grid"]) == set(METHODS)
     assert set(per_case["case"]) == {"synth_val_000", "synth_val_001"}
     report = (experiment / "report.md").read_text()
+    assert "## Scored in the source geometry and on the working grid" in report
     assert report.index("## Claims") < report.index("## Methods") and "| C1 | isl-mask-ema vs baseline" in report
     assert report.count("![") >= 3
     for fig in ("per_organ_dice.png", "paired_lines.png", "overlay.png"):
