@@ -266,35 +266,11 @@ def _write_summary(out: Path, ds: Dataset, summary: dict[str, Any], per_case: pd
 
 # ---------------------------------------------------------------------------------------------- several seeds
 
-_KEYS = ["fold", "case", "method", "organ"]
-
-
-def mean_over_seeds(per_seed: pd.DataFrame) -> pd.DataFrame:
-    """One row per (case, method, organ) with every numeric column averaged over the ``seed`` column.
-
-    An organ absent from a case is NaN in every seed and stays NaN; the row order is the first seed's.
-    """
-    keys = [k for k in _KEYS if k in per_seed.columns]
-    numeric = [c for c in per_seed.columns if c not in keys + ["seed"] and pd.api.types.is_numeric_dtype(per_seed[c])]
-    means = per_seed.groupby(keys, sort=False, dropna=False)[numeric].mean().reset_index()
-    return means[[c for c in per_seed.columns if c in keys + numeric]]
-
-
-def seed_spread(per_seed: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """How much each method moves with the seed: the standard deviation over seeds of its mean Dice
-    (``sd_of_mean``) and the mean over cases of each case's standard deviation over seeds (``mean_case_sd``)."""
-    case_dice = per_seed.groupby(["seed", "method", "case"], sort=False)["dice"].mean().reset_index()
-    spread = {}
-    for method, rows in case_dice.groupby("method", sort=False):
-        spread[method] = {"sd_of_mean": float(rows.groupby("seed")["dice"].mean().std(ddof=1)),
-                          "mean_case_sd": float(rows.groupby("case")["dice"].std(ddof=1).mean())}
-    return spread
-
-
 def _run_seeds(dataset: str | Path, out: Path, s: ExperimentSettings,
                on_case: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-    """``--seeds N``: the whole experiment once per seed in ``OUT/seeds/SEED/`` (each resumable on its own), then
-    per-case means over the seeds in ``OUT`` (the claims use them) and each seed's rows in ``per_case_seeds.csv``."""
+    """``--seeds N``: the whole experiment once per seed in ``OUT/seeds/SEED/`` (each resumable on its own), then every
+    seed's rows in ``OUT/per_case.csv`` (a ``seed`` column) and the summary over them: the claims pair per-case
+    means over the seeds, and ``claims.seeds`` gives the spread (``isl_core.claims``)."""
     seeds = [s.seed + i for i in range(int(s.seeds))]
     marker = out / "experiment.json"
     if marker.is_file() and "seeds" not in read_json(marker, "experiment settings"):
@@ -309,8 +285,7 @@ def _run_seeds(dataset: str | Path, out: Path, s: ExperimentSettings,
         path = out / "seeds" / str(seed) / "per_case.csv"
         if path.is_file():
             tables.append(pd.read_csv(path).assign(seed=seed))
-    per_seed = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    per_case = mean_over_seeds(per_seed) if len(per_seed) else per_seed
+    per_case = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     first = runs[seeds[0]]
     methods = list(first["methods"])
     seconds = {m: float(np.nanmean([r["methods"][m]["seconds_per_case"] for r in runs.values()])) for m in methods}
@@ -319,9 +294,6 @@ def _run_seeds(dataset: str | Path, out: Path, s: ExperimentSettings,
         summary["protocol"] = {**first["protocol"], "seeds": seeds}
     else:
         summary["protocol"] = {"seeds": seeds}
-    if len(per_seed):
-        summary["seeds"] = seed_spread(per_seed)
-        write_csv(per_seed, out / "per_case_seeds.csv")
     failed = {f"seed {seed}: {case}": why for seed, r in runs.items()
               for case, why in r.get("failed_cases", {}).items()}
     stamp = {k: v for k, v in first["settings"].items() if k != "methods"}

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from helpers import tiny_cohort, tiny_profile
 
-from isl_core.experiment import ExperimentSettings, mean_over_seeds, run_experiment, seed_spread
+from isl_core.experiment import ExperimentSettings, run_experiment
 from isl_core.runtime import UserError
 
 ALL_ARMS = ["baseline", "malf", "finetune-atlases", "tent", "pseudo-label", "isl-intensity", "isl-intensity-matched",
@@ -30,20 +30,25 @@ def seeded(tmp_path_factory):
 def test_every_seed_runs_every_arm_and_the_claims_use_the_means(seeded):
     _, out, _, summary = seeded
     assert summary["protocol"]["seeds"] == [3, 4] and summary["protocol"]["folds"] == 2
-    per_seed = pd.read_csv(out / "per_case_seeds.csv")
+    per_seed = pd.read_csv(out / "per_case.csv")
     assert sorted(per_seed["seed"].unique()) == [3, 4] and set(per_seed["method"]) == set(ALL_ARMS)
     for seed in (3, 4):
         one = json.loads((out / "seeds" / str(seed) / "summary.json").read_text())
         assert one["settings"]["seed"] == seed and one["protocol"]["seeds"] == [seed]
-    per_case = pd.read_csv(out / "per_case.csv")
-    assert len(per_case) == len(per_seed) // 2
-    row = per_case.iloc[0]
-    same = per_seed[(per_seed["case"] == row["case"]) & (per_seed["method"] == row["method"])
-                    & (per_seed["organ"] == row["organ"])]
-    assert np.isclose(row["dice"], same["dice"].mean(), equal_nan=True)
+    for seed in (3, 4):  # every seed's rows, as its own run wrote them
+        own = pd.read_csv(out / "seeds" / str(seed) / "per_case.csv")
+        mine = per_seed[per_seed["seed"] == seed].drop(columns="seed").reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, own, check_dtype=False)
+    # the claims pair per-case means over the seeds
+    present = per_seed[per_seed["in_truth"].astype(str).str.lower().isin(["true", "1"])]
+    case_dice = present.groupby(["method", "case", "seed"])["dice"].mean().groupby(["method", "case"]).mean()
+    delta = (case_dice["isl-mask-ema"] - case_dice["baseline"]).mean()
+    assert np.isclose(summary["claims"]["C1"]["delta"], delta)
     # the seeds really differ (a different baseline per seed), and the spread says by how much
-    assert summary["seeds"]["baseline"]["sd_of_mean"] > 0
-    assert set(summary["seeds"]) == set(ALL_ARMS)
+    assert summary["claims"]["seeds"]["baseline"]["sd_of_mean"] > 0
+    assert set(summary["claims"]["seeds"]) == set(ALL_ARMS)
+    for claim in ("deformation", "vs_tent", "vs_pseudo_label", "C2_matched"):
+        assert {"delta", "ci95", "ci95_folds", "p_value", "p_holm", "n", "verdict"} <= set(summary["claims"][claim])
     for m in ALL_ARMS:
         assert summary["methods"][m]["n_cases"] == 6
 
@@ -56,21 +61,6 @@ def test_a_rerun_resumes_to_the_same_summary(seeded):
     again = run_experiment(data, out, settings)
     assert {p: p.stat().st_mtime_ns for p in cases} == stamps  # nothing recomputed
     assert again["methods"] == summary["methods"] and again["claims"] == summary["claims"]
-
-
-def test_mean_over_seeds_keeps_absent_organs_undefined_and_spread_is_per_method():
-    rows = []
-    for seed, (a, b) in enumerate([(0.5, 0.7), (0.7, 0.9)]):
-        rows += [{"case": "c1", "method": "m", "organ": "liver", "dice": a, "seed": seed},
-                 {"case": "c1", "method": "m", "organ": "gallbladder", "dice": np.nan, "seed": seed},
-                 {"case": "c2", "method": "m", "organ": "liver", "dice": b, "seed": seed}]
-    table = pd.DataFrame(rows)
-    means = mean_over_seeds(table)
-    assert list(means.columns) == ["case", "method", "organ", "dice"]
-    assert means["dice"].tolist()[0] == pytest.approx(0.6) and np.isnan(means["dice"].tolist()[1])
-    spread = seed_spread(table)["m"]
-    assert spread["sd_of_mean"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
-    assert spread["mean_case_sd"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
 
 
 def test_seeds_refuse_a_folder_of_a_single_seed_run(tmp_path):
