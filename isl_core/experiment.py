@@ -159,7 +159,7 @@ def run_experiment(dataset: str | Path, out: str | Path, settings: ExperimentSet
     profile = s.resolved_profile()
     ds = load_dataset(dataset)  # validates every file before any work
     out = Path(out)
-    plan = plan_folds(ds, out, s.folds, s.fold_seed, s.cases)
+    plan = plan_folds(ds, s.folds, s.fold_seed, s.cases)
     if s.model and not (Path(s.model) / "model.pt").is_file():
         raise UserError(f"--model {s.model}: no model.pt there; give a run folder written by `isl train`")
     stamp = make_stamp(ds, profile, s.seed, s.model, s.folds, s.fold_seed)
@@ -176,7 +176,7 @@ def run_experiment(dataset: str | Path, out: str | Path, settings: ExperimentSet
     else:
         failed = _run_in_process(units, out, s.force, s.progress, on_case)
     # the summary covers every finished case of these settings, not only the ones this call was asked to run
-    return write_results(out, ds, methods, plan_folds(ds, out, s.folds, s.fold_seed), stamp, failed)
+    return write_results(out, ds, methods, plan_folds(ds, s.folds, s.fold_seed), stamp, failed)
 
 
 def _collect(out: Path, plan: list[Fold], sid: str) -> tuple[pd.DataFrame, dict[str, list[float]], list[str]]:
