@@ -33,6 +33,10 @@ def select_cases(case_ids: Iterable[str], n: int, salt: str) -> list[str]:
     return sorted(hash_order(ids, salt)[:n])
 
 
+#: The K-fold dealing of :func:`assign_folds`, recorded in a fetched folder's split (dataset.json, the marker).
+KFOLD_ASSIGNMENT = "numpy-permutation"
+
+
 def assign_folds(case_ids: Sequence[str], k: int, seed: int = 0) -> dict[str, int]:
     """case id -> fold in ``0..k-1``: a seeded permutation of the sorted ids, dealt round robin (sizes differ <= 1).
 
@@ -84,7 +88,9 @@ def split_request(source: str, folds: int | None, fold: int, seed: int, n_cases:
         return {"method": "single-case"}
     if source == "btcv" and folds is None:
         return {"method": "monai-btcv-tutorial"}
-    req: dict = {"method": "kfold", "folds": 5 if folds is None else folds, "fold": fold, "seed": seed}
+    # "assignment" names the fold dealing, so a folder fetched with the older sha256-order folds is not taken as this
+    req: dict = {"method": "kfold", "folds": 5 if folds is None else folds, "fold": fold, "seed": seed,
+                 "assignment": KFOLD_ASSIGNMENT}
     if source == "msd-pancreas":
         req["n_cases"] = n_cases
     return req
