@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from isl_core.casework import BaselineJob, CaseJob, case_done, run_case, train_baseline
+from isl_core.casework import BaselineJob, CaseJob, baseline_run, case_done, run_case
 from isl_core.runtime import UserError
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def _submit(client: Client, units: list[tuple[BaselineJob, list[CaseJob]]], out:
             continue
         fold = "split" if base.fold is None else base.fold
         base.progress = False  # one bar, the driver's: the workers' bars would interleave in the log
-        baseline = client.submit(train_baseline, base, key=f"baseline-{fold}-{run}", pure=False, retries=retries)
+        baseline = client.submit(baseline_run, base, key=f"baseline-{fold}-{run}", pure=False, retries=retries)
         for job in todo:
             if force:  # recompute: the finished mark goes first, so an interrupted rerun redoes the case
                 (out / "cases" / f"{job.case_id}.json").unlink(missing_ok=True)

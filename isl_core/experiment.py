@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from isl_core.casework import ISL_VARIANTS, BaselineJob, CaseJob, CaseRunner, case_done, run_case, train_baseline
+from isl_core.casework import ISL_VARIANTS, BaselineJob, CaseJob, CaseRunner, baseline_run, case_done, run_case
 from isl_core.claims import claims as claims_of
 from isl_core.config import DEFAULT_METHODS, METHODS, Profile, get_profile
 from isl_core.data import Dataset, load_dataset
@@ -119,9 +119,8 @@ def _jobs(ds: Dataset, out: Path, plan: list[Fold], s: ExperimentSettings, profi
     sid = stamp_id(stamp)
     units = []
     for fold in plan:
-        val_ids = [c.id for c in ds.validation[:2]] if fold.index is None else []
-        base = BaselineJob(str(ds.root), str(out), fold.index, [c.id for c in fold.train], val_ids, profile, s.seed,
-                           stamp, model=s.model, device=s.device, progress=s.progress)
+        base = BaselineJob(str(ds.root), str(out), fold.index, [c.id for c in fold.train], profile, s.seed, stamp,
+                           model=s.model, device=s.device, progress=s.progress)
         cases = [CaseJob(base, c.id, seeds[c.id], methods, sid) for c in fold.infer]
         units.append((base, cases))
     return units
@@ -136,7 +135,7 @@ def _run_in_process(units, out: Path, force: bool, progress: bool,
         todo = [j for j in cases if force or not case_done(out, j.case_id, j.methods, j.stamp_id)]
         bar.update(len(cases) - len(todo))
         if todo:
-            train_baseline(base)
+            baseline_run(base)
         for job in todo:
             if force:  # recompute: the finished mark goes first, so an interrupted rerun redoes the case
                 (out / "cases" / f"{job.case_id}.json").unlink(missing_ok=True)
