@@ -37,8 +37,8 @@ from isl_core.config import DEFAULT_METHODS, METHODS, Profile, get_profile
 from isl_core.data import Dataset, load_dataset
 from isl_core.evaluate import paired_tests, summarize
 from isl_core.folds import Fold, case_seeds, plan_folds
-from isl_core.runtime import UserError, json_safe, read_json, write_csv, write_json
-from isl_core.stamp import differences, make_stamp, stamp_id
+from isl_core.runtime import UserError, differences, json_safe, read_json, write_csv, write_json
+from isl_core.stamp import make_stamp, stamp_id
 
 __all__ = ["CaseRunner", "ExperimentSettings", "ISL_VARIANTS", "run_experiment", "write_results"]
 

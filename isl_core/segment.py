@@ -26,7 +26,7 @@ from torch import nn
 
 from isl_core.config import Profile, SegmentConfig
 from isl_core.data import Case, Dataset, load_cases
-from isl_core.runtime import DatasetError, UserError, atomic_path, read_json, resolve_device, write_json
+from isl_core.runtime import DatasetError, UserError, atomic_path, differences, read_json, resolve_device, write_json
 
 CHECKPOINT = "checkpoint.pt"  # resumable training state, rewritten every `checkpoint_every` steps
 MODEL = "model.pt"  # the final network weights
@@ -231,13 +231,6 @@ class RunMismatchError(UserError):
     """A run folder holds a model of other settings (dataset, profile, seed, classes) than the ones asked for."""
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted names of the settings that differ between two JSON documents (for a message that names them)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [prefix.rstrip(".")]
-
-
 def check_run_binding(out: str | Path, profile: Profile, num_classes: int, seed: int,
                       dataset_fingerprint: str | None = None) -> None:
     """Refuse a run folder whose ``config.json`` was written for another dataset, profile, class count or seed.
@@ -253,7 +246,7 @@ def check_run_binding(out: str | Path, profile: Profile, num_classes: int, seed:
         raise DatasetError(f"{path}: not an isl-kit run configuration (a JSON {type(old).__name__})")
     new = json.loads(json.dumps({"profile": profile.to_dict(), "num_classes": num_classes, "seed": seed,
                                  "dataset_fingerprint": dataset_fingerprint}))  # tuples -> lists, as stored
-    diffs = _differences({k: old.get(k) for k in new}, new)
+    diffs = differences({k: old.get(k) for k in new}, new)
     if diffs:
         shown = ", ".join(diffs[:6]) + (f" and {len(diffs) - 6} more" if len(diffs) > 6 else "")
         raise RunMismatchError(f"{path}: this run folder belongs to another run (different {shown}); "
