@@ -35,6 +35,7 @@ from isl_core.casework import ISL_VARIANTS, BaselineJob, CaseJob, CaseRunner, ba
 from isl_core.claims import claims as claims_of
 from isl_core.config import DEFAULT_METHODS, METHODS, Profile, get_profile
 from isl_core.data import Dataset, load_dataset
+from isl_core.distributed import run_on_cluster
 from isl_core.evaluate import paired_tests, summarize
 from isl_core.folds import Fold, case_seeds, plan_folds
 from isl_core.runtime import UserError, differences, json_safe, read_json, write_csv, write_json
@@ -169,9 +170,8 @@ def run_experiment(dataset: str | Path, out: str | Path, settings: ExperimentSet
                                          "dataset": str(ds.root)})
     units = _jobs(ds, out, plan, s, profile, stamp, methods)
     if s.workers or s.scheduler:
-        from isl_core.distributed import run_on_cluster
-
-        failed = run_on_cluster(units, out, s, on_case)
+        failed = run_on_cluster(units, out, workers=s.workers, scheduler=s.scheduler, device=s.device,
+                                retries=s.retries, force=s.force, progress=s.progress, on_case=on_case)
     else:
         failed = _run_in_process(units, out, s.force, s.progress, on_case)
     # the summary covers every finished case of these settings, not only the ones this call was asked to run
