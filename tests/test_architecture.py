@@ -62,7 +62,7 @@ def _graph() -> dict[str, set[str]]:
 
 
 def _documented() -> dict[str, tuple[int, str]]:
-    """Dotted module name -> (floor number, floor name), from docs/architecture.md's module table."""
+    """Dotted module name -> (floor number, floor name), from docs/architecture.md's module table, in row order."""
     rows = ROW.findall((REPO / "docs" / "architecture.md").read_text(encoding="utf-8"))
     assert rows, "docs/architecture.md: no module table"
     floors = {}
@@ -89,11 +89,16 @@ def test_every_module_has_one_line_and_every_line_a_module():
         assert names.setdefault(number, name) == name, f"floor {number} is called {names[number]!r} and {name!r}"
 
 
-def test_no_import_runs_up_a_floor():
+def test_no_import_runs_up_a_floor_or_down_the_table():
     floors, graph = _documented(), _graph()
     upward = [f"{a} (floor {_floor(a, floors)[0]}) imports {b} (floor {_floor(b, floors)[0]})"
               for a, targets in sorted(graph.items()) for b in sorted(targets) if _floor(b, floors) > _floor(a, floors)]
     assert upward == []
+    # within a floor the rows are in import order too: a module imports only modules on rows above its own
+    row = {m: i for i, m in enumerate(floors)}
+    later = [f"{a} imports {b}, a row below it" for a, targets in sorted(graph.items()) for b in sorted(targets)
+             if a.split(".")[0] == b.split(".")[0] == "isl_core" and row[b] > row[a]]
+    assert later == []
 
 
 def test_no_import_cycles_not_even_lazy_ones():
