@@ -82,7 +82,8 @@ def _expected(src: Source, opts: FetchOptions) -> tuple[str, str]:
 def describe_split(split: dict) -> str:
     if split["method"] == "kfold":
         extra = f", {split['n_cases']} cases" if split.get("n_cases") else ""
-        return f"{split['folds']}-fold CV fold {split['fold']} (seed {split['seed']}{extra})"
+        older = "" if split.get("assignment") else ", folds dealt in the older sha256 order"
+        return f"{split['folds']}-fold CV fold {split['fold']} (seed {split['seed']}{extra}{older})"
     return {"monai-btcv-tutorial": "MONAI BTCV tutorial split (24/6)", "single-case": "one case"}[split["method"]]
 
 

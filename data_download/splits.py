@@ -1,13 +1,20 @@
-"""Deterministic case selection and train/validation splits.
+"""Deterministic case selection and train/validation splits, and the kit's one K-fold assignment.
 
-Orders come from sha256 of a salted case id rather than from a random generator: the result is the same on
+Case selection orders by sha256 of a salted case id rather than by a random generator: the result is the same on
 every machine, Python and NumPy version, and does not depend on the order files happen to be listed in.
+
+K-fold cross-validation has one home, :func:`assign_folds`: ``isl data fetch --folds K --fold I --seed S`` and
+``isl experiment --folds K --fold-seed S`` (``isl_core.folds``, which imports it from here: ``data_download`` sits
+below ``isl_core`` and imports nothing from it) put every case in the same fold. It deals a seeded NumPy
+permutation of the sorted ids, the assignment the committed claims runs (docs/claims_runs/) were made with.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 from data_download.errors import FetchError
 from data_download.sources import MONAI_BTCV_TRAINING, MONAI_BTCV_VALIDATION
@@ -26,11 +33,30 @@ def select_cases(case_ids: Iterable[str], n: int, salt: str) -> list[str]:
     return sorted(hash_order(ids, salt)[:n])
 
 
+#: The K-fold dealing of :func:`assign_folds`, recorded in a fetched folder's split (dataset.json, the marker).
+KFOLD_ASSIGNMENT = "numpy-permutation"
+
+
+def assign_folds(case_ids: Sequence[str], k: int, seed: int = 0) -> dict[str, int]:
+    """case id -> fold in ``0..k-1``: a seeded permutation of the sorted ids, dealt round robin (sizes differ <= 1).
+
+    The permutation is NumPy's ``default_rng(seed)`` (PCG64), whose streams NumPy keeps from release to release in
+    practice but does not promise; tests/test_folds.py checks the committed claims runs' folds, so a change shows.
+    """
+    ids = sorted(case_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError("case ids must be unique to be assigned to folds")
+    if not 2 <= k <= len(ids):
+        raise ValueError(f"--folds {k}: needs 2 <= K <= the number of labelled cases ({len(ids)})")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    return {ids[j]: i % k for i, j in enumerate(order)}
+
+
 def kfold_split(case_ids: Sequence[str], folds: int, fold: int, seed: int) -> tuple[list[str], list[str]]:
     """Fold ``fold`` of a ``folds``-fold cross-validation: (training ids, validation ids), each sorted.
 
-    Cases are dealt round-robin in ``hash_order`` (salt from ``seed``), so fold sizes differ by at most one
-    and the K validation sets partition the cases.
+    The validation ids are the cases :func:`assign_folds` puts in ``fold``, so the K validation sets partition the
+    cases, their sizes differ by at most one, and ``isl experiment --folds`` infers the same cases in that fold.
     """
     if folds < 2:
         raise FetchError(f"--folds must be at least 2 (got {folds})")
@@ -38,9 +64,12 @@ def kfold_split(case_ids: Sequence[str], folds: int, fold: int, seed: int) -> tu
         raise FetchError(f"--fold must be in 0..{folds - 1} for --folds {folds} (got {fold})")
     if folds > len(case_ids):
         raise FetchError(f"--folds {folds} is more than the {len(case_ids)} cases; use fewer folds")
-    order = hash_order(case_ids, f"isl-kit:kfold:{seed}:")
-    validation = sorted(order[fold::folds])
-    training = sorted(set(case_ids) - set(validation))
+    try:
+        assignment = assign_folds(case_ids, folds, seed)
+    except ValueError as e:
+        raise FetchError(f"cannot split the cases into folds: {e}") from None
+    validation = sorted(c for c, f in assignment.items() if f == fold)
+    training = sorted(c for c, f in assignment.items() if f != fold)
     return training, validation
 
 
@@ -59,7 +88,9 @@ def split_request(source: str, folds: int | None, fold: int, seed: int, n_cases:
         return {"method": "single-case"}
     if source == "btcv" and folds is None:
         return {"method": "monai-btcv-tutorial"}
-    req: dict = {"method": "kfold", "folds": 5 if folds is None else folds, "fold": fold, "seed": seed}
+    # "assignment" names the fold dealing, so a folder fetched with the older sha256-order folds is not taken as this
+    req: dict = {"method": "kfold", "folds": 5 if folds is None else folds, "fold": fold, "seed": seed,
+                 "assignment": KFOLD_ASSIGNMENT}
     if source == "msd-pancreas":
         req["n_cases"] = n_cases
     return req

@@ -25,11 +25,12 @@ import torch
 from isl_core.config import Profile
 from isl_core.data import DatasetError, load_cases, read_dataset_json, write_prediction
 from isl_core.evaluate import evaluate_predictions, with_grid_dice
+from isl_core.folds import baseline_dir
 from isl_core.fusion import fuse
 from isl_core.refine import Variant, as_batch
 from isl_core.register import Atlases, register_atlases
 from isl_core.runtime import UserError, read_json, resolve_device, seed_everything, write_csv, write_json
-from isl_core.segment import MODEL, load_segmenter, predict_proba, train_segmenter
+from isl_core.segment import MODEL, load_segmenter, predict_proba, train_baseline
 from isl_core.sharing import adapt_variants
 
 #: Every method that runs the ISL loop (isl_core.refine), as the loop's choices. "mask" stands for the profile's
@@ -105,7 +106,6 @@ class BaselineJob:
     out: str
     fold: int | None
     train_ids: list[str]
-    val_ids: list[str]  # training-progress monitoring only (the single split's first validation cases)
     profile: Profile
     seed: int
     stamp: dict[str, Any]
@@ -115,9 +115,7 @@ class BaselineJob:
 
     @property
     def run_dir(self) -> Path:
-        if self.model:
-            return Path(self.model)
-        return Path(self.out) / ("baseline" if self.fold is None else f"folds/{self.fold}/baseline")
+        return Path(self.model) if self.model else baseline_dir(self.out, self.fold)
 
 
 @dataclass
@@ -154,8 +152,9 @@ def _check_shared(out: Path) -> None:
                         "worker write access to the output folder (see docs/cluster.md)") from None
 
 
-def train_baseline(job: BaselineJob) -> str:
-    """The fold's baseline run folder, trained if not there yet (resumes a half-trained one); returns its path."""
+def baseline_run(job: BaselineJob) -> str:
+    """The fold's baseline run folder, trained (``segment.train_baseline``) if not there yet, resuming a half-trained
+    one; returns its path."""
     run = job.run_dir
     if job.model:
         return str(run)
@@ -169,12 +168,7 @@ def train_baseline(job: BaselineJob) -> str:
         shutil.rmtree(run)
     write_json(marker, stamp)
     ds, train = _cases(job.dataset, job.train_ids)
-    _, val = _cases(job.dataset, job.val_ids)
-    seed_everything(job.seed)
-    train_cases = load_cases(train, job.profile.data, ds.modality)
-    val_cases = load_cases(val, job.profile.data, ds.modality)
-    train_segmenter(train_cases, job.profile, ds.num_classes, ds.labels, out=run, val_cases=val_cases,
-                    device=resolve_device(job.device), seed=job.seed, progress=job.progress)
+    train_baseline(ds, train, job.profile, run, seed=job.seed, device=resolve_device(job.device), progress=job.progress)
     return str(run)
 
 
@@ -218,7 +212,7 @@ def case_done(out: Path, case_id: str, methods: Sequence[str], stamp_id: str) ->
 def run_case(job: CaseJob, baseline: str | None = None) -> dict[str, Any]:
     """Run one case (skipped when already finished) and return its ``cases/CASE.json`` record.
 
-    ``baseline`` is the result of the fold's :func:`train_baseline` task; passing it makes Dask run this task after it.
+    ``baseline`` is the result of the fold's :func:`baseline_run` task; passing it makes Dask run this task after it.
     """
     out = Path(job.baseline.out)
     _check_shared(out)

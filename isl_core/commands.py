@@ -41,8 +41,8 @@ def profile_from_args(args: argparse.Namespace, **overrides: dict) -> Profile:
 
 
 def train(args: argparse.Namespace) -> int:
-    from isl_core.data import dataset_fingerprint, load_cases
-    from isl_core.segment import MODEL, check_run_binding, train_segmenter
+    from isl_core.data import dataset_fingerprint
+    from isl_core.segment import MODEL, check_run_binding, train_baseline
 
     out = _out_folder(args.out)
     device = resolve_device(args.device)
@@ -55,10 +55,8 @@ def train(args: argparse.Namespace) -> int:
         print(f"{out / MODEL} exists: training is finished (remove the folder to retrain)")
         return 0
     print(f"training the baseline segmenter ({profile.name} profile, {len(ds.training)} cases) on {device}")
-    train_cases = load_cases(ds.training, profile.data, ds.modality)
-    val_cases = load_cases(ds.validation, profile.data, ds.modality)
-    _, state = train_segmenter(train_cases, profile, ds.num_classes, ds.labels, out=out, val_cases=val_cases,
-                               device=device, seed=args.seed, dataset_fingerprint=fingerprint)
+    _, state = train_baseline(ds, ds.training, profile, out, seed=args.seed, device=device,
+                              dataset_fingerprint=fingerprint)
     last = [h for h in state.history if "val_dice" in h]
     msg = f"; validation Dice {last[-1]['val_dice']:.3f}" if last else ""
     print(f"done: {state.step} steps in {state.seconds:.0f} s{msg} -> {out / MODEL}")

@@ -5,7 +5,7 @@
 * ``build_book(run, out)``: a static HTML site at ``OUT/html/index.html`` from notebooks *already executed* by
   ``isl reproduce --out RUN`` (the book builder executes nothing: ``execute_notebooks: "off"``), with the
   README's figures, the glossary (``docs/glossary.md`` when present), the pipeline diagram drawn by
-  ``viz.pipeline_figure``, the citation and each notebook's run time from ``RUN/index.md``.
+  ``viz.pipeline_figure``, the citation and each notebook's run time from ``RUN/index.json``.
 
 Command line (what ``make student`` and ``make book`` call)::
 
@@ -26,8 +26,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from isl_core.reproduce import NOTEBOOK_DIR, notebooks
-from isl_core.runtime import write_text
+from isl_core.reproduce import NOTEBOOK_DIR, RUN_RECORD, notebooks
+from isl_core.runtime import read_json, write_text
 
 REPO = NOTEBOOK_DIR.parent
 BOOK_SOURCES = REPO / "book"
@@ -91,31 +91,26 @@ def write_student_copies(out: str | Path = "outputs/student", sources: Sequence[
 # ------------------------------------------------------------------------------------------ the book
 
 
-def run_times(index_md: str | Path) -> dict[str, tuple[str, float]]:
-    """``{notebook file name: (status, seconds)}`` from the ``index.md`` that ``isl reproduce`` writes."""
-    text = Path(index_md).read_text(encoding="utf-8")
-    rows = re.findall(r"^\| \[(\S+\.ipynb)\]\(\S+\) \| ([^|]+) \| (\d+) \|$", text, re.M)
-    return {name: (status.strip(), float(secs)) for name, status, secs in rows}
-
-
-def _profile(index_md: Path) -> str:
-    found = re.search(r"profile `([^`]+)`", index_md.read_text(encoding="utf-8"))
-    return found.group(1) if found else "unknown"
+def run_times(run: str | Path) -> tuple[str, dict[str, tuple[str, float]]]:
+    """(profile, ``{notebook file name: (status, seconds)}``) from the ``index.json`` ``isl reproduce`` wrote in
+    ``run``; ``FileNotFoundError`` when there is none."""
+    path = Path(run) / RUN_RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run `isl reproduce --out {run}` (or `make book`) first")
+    record = read_json(path, "run record")
+    return record["profile"], {name: (nb["status"], float(nb["seconds"])) for name, nb in record["notebooks"].items()}
 
 
 def _check_run(run: Path) -> list[Path]:
     """The executed notebooks of an ``isl reproduce`` folder, or one clear error naming what is missing."""
     fix = f"run `isl reproduce --out {run}` (or `make book`) first"
-    index = run / "index.md"
-    if not index.is_file():
-        raise FileNotFoundError(f"{index}: missing; {fix}")
-    times = run_times(index)
+    times = run_times(run)[1]
     executed = []
     for nb in notebooks():
         path = run / "notebooks" / nb.name
         status = times.get(nb.name, ("not run", 0.0))[0]
         if not path.is_file() or status != "ok":
-            raise FileNotFoundError(f"{path}: not executed successfully (index.md: {status}); {fix}")
+            raise FileNotFoundError(f"{path}: not executed successfully ({RUN_RECORD}: {status}); {fix}")
         executed.append(path)
     return executed
 
@@ -160,7 +155,7 @@ def assemble_book(run: str | Path, src: str | Path) -> Path:
 
     run, src = Path(run), Path(src)
     executed = _check_run(run)
-    times, profile = run_times(run / "index.md"), _profile(run / "index.md")
+    profile, times = run_times(run)
     _claim(src)
     for name in ("_config.yml", "_toc.yml", "index.md"):
         shutil.copy2(BOOK_SOURCES / name, src / name)

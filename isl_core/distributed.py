@@ -22,13 +22,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from isl_core.casework import BaselineJob, CaseJob, case_done, run_case, train_baseline
+from isl_core.casework import BaselineJob, CaseJob, baseline_run, case_done, run_case
 from isl_core.runtime import UserError
 
 if TYPE_CHECKING:
     from distributed import Client
-
-    from isl_core.experiment import ExperimentSettings
 
 
 def _import_distributed():
@@ -82,22 +80,24 @@ class PinWorker:
 
 
 @contextlib.contextmanager
-def open_client(settings: ExperimentSettings) -> Iterator[tuple[Client, int | None]]:
-    """A Dask client on a new local cluster or a running scheduler; yields (client, torch threads per task)."""
+def open_client(workers: int | None, scheduler: str | None, device: str = "auto", retries: int = 2
+                ) -> Iterator[tuple[Client, int | None]]:
+    """A Dask client on a running ``scheduler``, or on a new local cluster of ``workers`` processes; yields (client,
+    torch threads per task)."""
     distributed = _import_distributed()
     import dask
 
-    if settings.scheduler:
+    if scheduler:
         try:
-            client = distributed.Client(settings.scheduler, timeout="30s")
+            client = distributed.Client(scheduler, timeout="30s")
         except OSError as e:
-            raise UserError(f"--scheduler {settings.scheduler}: cannot reach a Dask scheduler there ({e}); start one "
+            raise UserError(f"--scheduler {scheduler}: cannot reach a Dask scheduler there ({e}); start one "
                             "with `dask scheduler` or check the address") from None
         with client:
             yield client, None
         return
-    n, gpus, threads = local_layout(int(settings.workers), settings.device)
-    with dask.config.set({"distributed.scheduler.allowed-failures": settings.retries}):
+    n, gpus, threads = local_layout(int(workers), device)
+    with dask.config.set({"distributed.scheduler.allowed-failures": retries}):
         cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
                                            env={"OMP_NUM_THREADS": str(threads)}, silence_logs=40)
     with cluster, distributed.Client(cluster) as client:
@@ -122,7 +122,7 @@ def _submit(client: Client, units: list[tuple[BaselineJob, list[CaseJob]]], out:
             continue
         fold = "split" if base.fold is None else base.fold
         base.progress = False  # one bar, the driver's: the workers' bars would interleave in the log
-        baseline = client.submit(train_baseline, base, key=f"baseline-{fold}-{run}", pure=False, retries=retries)
+        baseline = client.submit(baseline_run, base, key=f"baseline-{fold}-{run}", pure=False, retries=retries)
         for job in todo:
             if force:  # recompute: the finished mark goes first, so an interrupted rerun redoes the case
                 (out / "cases" / f"{job.case_id}.json").unlink(missing_ok=True)
@@ -132,20 +132,21 @@ def _submit(client: Client, units: list[tuple[BaselineJob, list[CaseJob]]], out:
     return futures, skipped
 
 
-def run_on_cluster(units: list[tuple[BaselineJob, list[CaseJob]]], out: Path, settings: ExperimentSettings,
-                   on_case: Callable[[dict[str, Any]], None] | None = None) -> dict[str, str]:
-    """Run every unfinished case as a Dask task; returns {case: error} for the cases that failed."""
+def run_on_cluster(units: list[tuple[BaselineJob, list[CaseJob]]], out: Path, *, workers: int | None = None,
+                   scheduler: str | None = None, device: str = "auto", retries: int = 2, force: bool = False,
+                   progress: bool = True, on_case: Callable[[dict[str, Any]], None] | None = None) -> dict[str, str]:
+    """Run every unfinished case (every selected one with ``force``) as a Dask task on a running ``scheduler`` or a
+    local cluster of ``workers`` processes; returns {case: error} for the cases that failed."""
     from tqdm.auto import tqdm
 
     distributed = _import_distributed()
     failed: dict[str, str] = {}
-    with open_client(settings) as (client, threads):
-        if settings.progress:
+    with open_client(workers, scheduler, device, retries) as (client, threads):
+        if progress:
             print(f"Dask dashboard: {client.dashboard_link}" if _has_bokeh() else
                   "Dask dashboard: off (pip install 'bokeh>=3.1' to watch the tasks in a browser)")
-        futures, skipped = _submit(client, units, out, settings.force, settings.retries, threads)
-        with tqdm(total=len(futures) + skipped, initial=skipped, desc="inference cases",
-                  disable=not settings.progress) as bar:
+        futures, skipped = _submit(client, units, out, force, retries, threads)
+        with tqdm(total=len(futures) + skipped, initial=skipped, desc="inference cases", disable=not progress) as bar:
             for future in distributed.as_completed(list(futures)):
                 case = futures[future]
                 try:

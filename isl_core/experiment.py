@@ -31,14 +31,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from isl_core.casework import LOOP_METHODS, BaselineJob, CaseJob, CaseRunner, case_done, run_case, train_baseline
+from isl_core.casework import LOOP_METHODS, BaselineJob, CaseJob, CaseRunner, baseline_run, case_done, run_case
 from isl_core.claims import claims as claims_of
 from isl_core.config import DEFAULT_METHODS, METHODS, Profile, get_profile
 from isl_core.data import Dataset, load_dataset
+from isl_core.distributed import run_on_cluster
 from isl_core.evaluate import paired_tests, summarize
 from isl_core.folds import Fold, case_seeds, plan_folds
-from isl_core.runtime import UserError, json_safe, read_json, write_csv, write_json
-from isl_core.stamp import differences, make_stamp, stamp_id
+from isl_core.runtime import UserError, differences, json_safe, read_json, write_csv, write_json
+from isl_core.stamp import make_stamp, stamp_id
 
 __all__ = ["CaseRunner", "ExperimentSettings", "LOOP_METHODS", "run_experiment", "write_results"]
 
@@ -122,9 +123,8 @@ def _jobs(ds: Dataset, out: Path, plan: list[Fold], s: ExperimentSettings, profi
     sid = stamp_id(stamp)
     units = []
     for fold in plan:
-        val_ids = [c.id for c in ds.validation[:2]] if fold.index is None else []
-        base = BaselineJob(str(ds.root), str(out), fold.index, [c.id for c in fold.train], val_ids, profile, s.seed,
-                           stamp, model=s.model, device=s.device, progress=s.progress)
+        base = BaselineJob(str(ds.root), str(out), fold.index, [c.id for c in fold.train], profile, s.seed, stamp,
+                           model=s.model, device=s.device, progress=s.progress)
         cases = [CaseJob(base, c.id, seeds[c.id], methods, sid) for c in fold.infer]
         units.append((base, cases))
     return units
@@ -139,7 +139,7 @@ def _run_in_process(units, out: Path, force: bool, progress: bool,
         todo = [j for j in cases if force or not case_done(out, j.case_id, j.methods, j.stamp_id)]
         bar.update(len(cases) - len(todo))
         if todo:
-            train_baseline(base)
+            baseline_run(base)
         for job in todo:
             if force:  # recompute: the finished mark goes first, so an interrupted rerun redoes the case
                 (out / "cases" / f"{job.case_id}.json").unlink(missing_ok=True)
@@ -164,7 +164,7 @@ def run_experiment(dataset: str | Path, out: str | Path, settings: ExperimentSet
     profile = s.resolved_profile()
     ds = load_dataset(dataset)  # validates every file before any work
     out = Path(out)
-    plan = plan_folds(ds, out, s.folds, s.fold_seed, s.cases)
+    plan = plan_folds(ds, s.folds, s.fold_seed, s.cases)
     if s.model and not (Path(s.model) / "model.pt").is_file():
         raise UserError(f"--model {s.model}: no model.pt there; give a run folder written by `isl train`")
     stamp = make_stamp(ds, profile, s.seed, s.model, s.folds, s.fold_seed)
@@ -175,13 +175,12 @@ def run_experiment(dataset: str | Path, out: str | Path, settings: ExperimentSet
                                          "dataset": str(ds.root)})
     units = _jobs(ds, out, plan, s, profile, stamp, methods)
     if s.workers or s.scheduler:
-        from isl_core.distributed import run_on_cluster
-
-        failed = run_on_cluster(units, out, s, on_case)
+        failed = run_on_cluster(units, out, workers=s.workers, scheduler=s.scheduler, device=s.device,
+                                retries=s.retries, force=s.force, progress=s.progress, on_case=on_case)
     else:
         failed = _run_in_process(units, out, s.force, s.progress, on_case)
     # the summary covers every finished case of these settings, not only the ones this call was asked to run
-    return write_results(out, ds, methods, plan_folds(ds, out, s.folds, s.fold_seed), stamp, failed)
+    return write_results(out, ds, methods, plan_folds(ds, s.folds, s.fold_seed), stamp, failed)
 
 
 def _collect(out: Path, plan: list[Fold], sid: str) -> tuple[pd.DataFrame, dict[str, list[float]], list[str]]:

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from data_download.splits import assign_folds
 from isl_core.data import Case, Dataset, DatasetError
+
+__all__ = ["Fold", "assign_folds", "baseline_dir", "case_seeds", "plan_folds"]
 
 
 @dataclass
@@ -25,38 +26,33 @@ class Fold:
     index: int | None  # None: the dataset's own split
     train: list[Case]
     infer: list[Case]
-    baseline_dir: Path  # where the fold's baseline is trained (unless a model is given)
 
 
-def assign_folds(case_ids: Sequence[str], k: int, seed: int = 0) -> dict[str, int]:
-    """case id -> fold in ``0..k-1``: a seeded permutation of the sorted ids, dealt round robin (sizes differ <= 1)."""
-    ids = sorted(case_ids)
-    if len(set(ids)) != len(ids):
-        raise ValueError("case ids must be unique to be assigned to folds")
-    if not 2 <= k <= len(ids):
-        raise ValueError(f"--folds {k}: needs 2 <= K <= the number of labelled cases ({len(ids)})")
-    order = np.random.default_rng(seed).permutation(len(ids))
-    return {ids[j]: i % k for i, j in enumerate(order)}
+def baseline_dir(out: str | Path, fold: int | None = None) -> Path:
+    """Where a results folder keeps the baseline of the single split (``fold`` None) or of fold ``fold``.
+
+    The one name of that folder: the experiment trains there, and the notebooks' shared baseline is the single
+    split's of their working folder.
+    """
+    return Path(out) / ("baseline" if fold is None else f"folds/{fold}/baseline")
 
 
-def plan_folds(ds: Dataset, out: Path, folds: int | None, fold_seed: int = 0,
-               cases: Sequence[str] | None = None) -> list[Fold]:
+def plan_folds(ds: Dataset, folds: int | None, fold_seed: int = 0, cases: Sequence[str] | None = None) -> list[Fold]:
     """The folds of an experiment; ``cases`` restricts what is inferred (never what trains a baseline)."""
     if folds is None:
         infer = ds.validation + ds.test
         if not infer:
             raise DatasetError(f"{ds.root / 'dataset.json'}: no 'validation' or 'test' cases to run the methods on; "
                                "add some, or use --folds K to infer every labelled case by cross-validation")
-        plan = [Fold(None, list(ds.training), infer, out / "baseline")]
+        plan = [Fold(None, list(ds.training), infer)]
     else:
         pool = ds.training + ds.validation
         try:
             assignment = assign_folds([c.id for c in pool], folds, fold_seed)
         except ValueError as e:
             raise DatasetError(f"{ds.root / 'dataset.json'}: {e}") from None
-        plan = [Fold(f, [c for c in pool if assignment[c.id] != f], sorted((c for c in pool if assignment[c.id] == f),
-                                                                          key=lambda c: c.id),
-                     out / "folds" / str(f) / "baseline") for f in range(folds)]
+        plan = [Fold(f, [c for c in pool if assignment[c.id] != f],
+                     sorted((c for c in pool if assignment[c.id] == f), key=lambda c: c.id)) for f in range(folds)]
     if cases:
         known = {c.id for f in plan for c in f.infer}
         missing = sorted(set(cases) - known)

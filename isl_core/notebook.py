@@ -27,6 +27,7 @@ from isl_core import config
 from isl_core.config import Profile, get_profile
 from isl_core.data import Dataset, load_case, load_cases, load_dataset
 from isl_core.evaluate import case_means, mean_dice, organ_metrics
+from isl_core.folds import baseline_dir
 from isl_core.register import Atlases
 from isl_core.runtime import resolve_device
 
@@ -66,7 +67,8 @@ class Setup:
 
     @property
     def baseline_dir(self) -> Path:
-        return self.out_dir / "baseline"
+        """The single split's baseline folder of ``out_dir`` (``folds.baseline_dir``), shared by every notebook."""
+        return baseline_dir(self.out_dir)
 
     @property
     def experiment_dir(self) -> Path:
@@ -92,17 +94,15 @@ class Setup:
     def baseline(self) -> nn.Module:
         """f0: loaded from ``out_dir/baseline`` when notebook 01 (or an earlier run) trained it, else trained there.
 
-        Training watches the Dice of two validation cases (never used to choose anything), as ``isl experiment``
-        does, so the baseline is the same whichever notebook trains it first.
+        Trained by the kit's one baseline trainer (``segment.train_baseline``), as ``isl train`` and ``isl
+        experiment`` train theirs, so the baseline is the same whichever notebook trains it first.
         """
-        from isl_core.segment import MODEL, load_segmenter, train_segmenter
+        from isl_core.segment import MODEL, load_segmenter, train_baseline
 
         if (self.baseline_dir / MODEL).is_file():
             return load_segmenter(self.baseline_dir, self.device)[0]
-        val_cases = load_cases(self.ds.validation[:2], self.profile.data, self.ds.modality)
-        net, state = train_segmenter(self.train_cases(), self.profile, self.ds.num_classes, self.ds.labels,
-                                     out=self.baseline_dir, val_cases=val_cases, device=self.device, seed=self.seed,
-                                     progress=False)
+        net, state = train_baseline(self.ds, self.ds.training, self.profile, self.baseline_dir, seed=self.seed,
+                                    device=self.device, progress=False)
         print(f"trained the baseline: {state.step} steps in {state.seconds:.0f} s -> {self.baseline_dir}")
         return net
 

@@ -11,6 +11,10 @@ contrast phase, more noise (lower dose), a blurrier reconstruction and a larger 
 the training cases degrades on them, which is exactly the situation ISL is designed for.
 
 The true deformation of every subject is saved (``deformations/CASE.npz``) so tests can check registration.
+
+``CohortSpec`` and ``write_cohort`` write a cohort of either anatomy: these phantoms, or the real CT deformed by
+``sample_anatomy`` (imported when a cohort asks for it). What both anatomies share (the shift, the variation, the
+HU tables, random affines and elastic fields) lives below both, in ``anatomy``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,12 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from isl_core.anatomy import HU_NATIVE, HU_VENOUS, VARIATIONS, ShiftSpec, Variation, random_affine, smooth_field
 from isl_core.config import BTCV_LABELS, SYNTH_COHORTS
+
+# ShiftSpec, Variation and VARIATIONS live in ``anatomy`` (both anatomies use them) and are part of this module's face
+__all__ = ["DEFAULT_SIZE", "FOV_MM", "VARIATIONS", "CohortSpec", "ShiftSpec", "Variation", "cohort_for_profile",
+           "draw_subject", "grid_affine", "write_cohort"]
 
 #: Field of view in mm (x: left->right, y: posterior->anterior, z: inferior->superior), fixed whatever the size.
 FOV_MM = (384.0, 384.0, 320.0)
@@ -50,59 +59,12 @@ _ORGANS: list[tuple[int, str, tuple, Any]] = [
     (13, "ellipsoid", (-42.0, -36.0, 60.0), (9.0, 7.0, 15.0)),  # left adrenal
 ]
 
-# Mean HU per tissue in the two contrast phases; the shift interpolates from "venous" (training) towards
-# "native" (non-contrast), which changes organ-to-organ contrast the way a protocol change does.
-_HU_VENOUS = {"fat": -100, "muscle": 55, "bone": 450, "visceral": -80, "spinal_canal": 20,
-              1: 125, 2: 170, 3: 170, 4: 10, 5: 50, 6: 115, 7: 35, 8: 160, 9: 140, 10: 170, 11: 100, 12: 60, 13: 60}
-_HU_NATIVE = {"fat": -100, "muscle": 50, "bone": 450, "visceral": -80, "spinal_canal": 20,
-              1: 48, 2: 32, 3: 32, 4: 12, 5: 42, 6: 62, 7: 30, 8: 42, 9: 40, 10: 40, 11: 42, 12: 28, 13: 28}
-
-
-@dataclass
-class ShiftSpec:
-    """How far an inference case departs from the training distribution (0: none, 1: the default shift)."""
-
-    contrast: float = 1.0  # 0 venous phase (like training) ... 1 fully non-contrast
-    noise: float = 1.0  # noise sigma multiplied by (1 + 1.5 * noise)
-    blur: float = 1.0  # extra in-plane blur (mm) of 2.5 * blur
-    body: float = 1.0  # body/fat scale + 0.12 * body
-
-    @classmethod
-    def scaled(cls, s: float) -> ShiftSpec:
-        return cls(contrast=s, noise=s, blur=s, body=s)
-
-
 def grid_affine(size: tuple[int, int, int]) -> np.ndarray:
     """RAS affine of the phantom grid: constant field of view, voxel size = FOV / size, centred at 0."""
     spacing = np.array(FOV_MM) / np.array(size)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = -(np.array(size) - 1) / 2.0 * spacing
     return affine
-
-
-def _smooth_field(rng: np.random.Generator, size: tuple[int, int, int], amplitude_mm: float) -> np.ndarray:
-    """A smooth random displacement (3,*size) in mm: coarse Gaussian noise, upsampled linearly, then smoothed.
-
-    (Linear upsampling plus a Gaussian is ~50x faster than cubic-spline zoom and just as smooth here.)
-    """
-    coarse = rng.normal(0.0, 1.0, size=(3, 5, 5, 4))
-    sigma = np.array(size) / np.array(coarse.shape[1:]) / 2.0
-    field = np.stack([ndimage.gaussian_filter(ndimage.zoom(c, np.array(size) / np.array(c.shape), order=1), sigma)
-                      for c in coarse])
-    return (field * amplitude_mm / max(np.abs(field).max(), 1e-6)).astype(np.float32)
-
-
-def _random_affine(rng: np.random.Generator, body_scale: float) -> np.ndarray:
-    """A 4x4 mm->mm transform: small rotations (<= 6 deg), anisotropic scale, translation (<= 10 mm)."""
-    ax, ay, az = np.deg2rad(rng.uniform(-6, 6, 3))
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    scale = np.diag(rng.uniform(0.92, 1.08, 3) * np.array([body_scale, body_scale, 1.0]))
-    m = np.eye(4)
-    m[:3, :3] = rz @ ry @ rx @ scale
-    m[:3, 3] = rng.uniform(-10, 10, 3)
-    return m
 
 
 def _ellipsoid(q: np.ndarray, centre, semi) -> np.ndarray:
@@ -114,35 +76,6 @@ def _tube(q: np.ndarray, start, end, radius) -> np.ndarray:
     ab = b - a
     t = np.clip(((q - a) * ab).sum(0) / (ab**2).sum(), 0.0, 1.0)
     return (((q - (a + t * ab)) ** 2).sum(0)) <= radius**2
-
-
-@dataclass
-class Variation:
-    """How much subjects differ anatomically (inter-subject variation of the phantoms).
-
-    The defaults are the kit's original phantoms (organ positions vary by about 4 mm, the elastic field by up to
-    8 mm); ``VARIATIONS["inter-patient"]`` is closer to the variation between real abdominal CT scans.
-    """
-
-    elastic_mm: float = 8.0  # largest displacement of the smooth random elastic field
-    organ_jitter_mm: float = 4.0  # standard deviation of each organ's own shift
-    size_spread: float = 0.12  # ellipsoid semi-axes scaled by U(1 - s, 1 + s); tube radii by U(1 - 1.25 s, 1 + 1.25 s)
-    gallbladder_absent: float = 0.2  # share of subjects without a gallbladder (after cholecystectomy)
-
-    def __post_init__(self) -> None:
-        for name in ("elastic_mm", "organ_jitter_mm", "size_spread", "gallbladder_absent"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
-                raise ValueError(f"Variation.{name} = {value!r}: must be a finite number >= 0")
-        if self.size_spread >= 0.8 or self.gallbladder_absent > 1:
-            raise ValueError(f"Variation: size_spread must be < 0.8 and gallbladder_absent <= 1, got {self}")
-
-
-#: Named anatomical variations of ``isl data synth --variation``.
-VARIATIONS: dict[str, Variation] = {
-    "default": Variation(),
-    "inter-patient": Variation(elastic_mm=20.0, organ_jitter_mm=8.0, size_spread=0.2, gallbladder_absent=0.1),
-}
 
 
 def _jittered_organs(rng: np.random.Generator, drop_gallbladder: bool, variation: Variation
@@ -177,14 +110,14 @@ def draw_subject(rng: np.random.Generator, size: tuple[int, int, int], shift: Sh
     idx = np.indices(size, dtype=np.float32)
     world = np.einsum("ij,j...->i...", affine[:3, :3], idx) + affine[:3, 3, None, None, None]
     body_scale = 1.0 + 0.12 * s.body
-    subject_affine = _random_affine(rng, body_scale)
+    subject_affine = random_affine(rng, body_scale)
     variation = variation or Variation()
-    elastic = _smooth_field(rng, size, variation.elastic_mm)
+    elastic = smooth_field(rng, size, variation.elastic_mm)
     inv = np.linalg.inv(subject_affine)
     p = world + elastic
     q = np.einsum("ij,j...->i...", inv[:3, :3], p) + inv[:3, 3, None, None, None]
 
-    hu = {k: (1 - s.contrast) * _HU_VENOUS[k] + s.contrast * _HU_NATIVE[k] for k in _HU_VENOUS}
+    hu = {k: (1 - s.contrast) * HU_VENOUS[k] + s.contrast * HU_NATIVE[k] for k in HU_VENOUS}
     label = np.zeros(size, np.uint8)
     image = np.full(size, -1000.0, np.float32)  # air
 

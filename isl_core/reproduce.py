@@ -3,7 +3,8 @@
 All notebooks share one working folder (``OUT/work``), so the baseline trained in 01 is reused by 02-06 and
 the experiment computed once serves the ablation and results notebooks. A failing notebook stops the run
 with its name, the cell and the error; the notebooks executed before it stay in place, and ``OUT/index.md``
-records each one's status and run time.
+records each one's status and run time, for people, and ``OUT/index.json`` the same as data (what ``make book``
+reads).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from isl_core.runtime import write_text
+from isl_core.runtime import write_json, write_text
 from isl_core.viz.slices import STATIC_VIEWER_ENV
 
 #: The numbered notebooks of a checkout (an editable install: ``pip install -e .`` or ``make setup``).
@@ -51,7 +52,14 @@ def notebooks(only: list[str] | None = None, folder: str | Path | None = None) -
 REPORT = Path("work", "experiment", "report.md")
 
 
+#: The run record beside ``index.md``: ``{"profile", "notebooks": {NAME: {"status", "seconds", "path"}},
+#: "total_seconds"}``, notebooks in execution order.
+RUN_RECORD = "index.json"
+
+
 def _index(out: Path, rows: list[tuple[str, str, float, str]], profile: str) -> None:
+    write_json(out / RUN_RECORD, {"profile": profile, "total_seconds": sum(r[2] for r in rows), "notebooks": {
+        name: {"status": status, "seconds": secs, "path": link} for name, status, secs, link in rows}})
     lines = [f"# Executed notebooks (profile `{profile}`)", "", "| notebook | status | seconds |", "|---|---|---|"]
     lines += [f"| [{name}]({link}) | {status} | {secs:.0f} |" for name, status, secs, link in rows]
     lines += ["", f"Total: {sum(r[2] for r in rows):.0f} s."]

@@ -149,3 +149,35 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, np.bool_):
         return bool(obj)
     return obj
+
+
+#: Settings whose values are content hashes: a difference in them is said in words rather than as two hashes.
+_HASHED = {"dataset": "its dataset.json or image/label files changed",
+           "dataset_fingerprint": "its dataset.json or image/label files changed", "model": "other weights"}
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The settings two JSON documents (an experiment's stamps, a run folder's configuration) disagree on, one
+    phrase each: ``profile.refine.beta (0.6 -> 0.5)``, ``dataset (its dataset.json or image/label files changed)``.
+
+    Hashed settings come first and say what they mean; the profile's name is left out when fields of the profile
+    differ (the fields say more). The one settings comparison of the kit, so every refusal names changes alike.
+    """
+    a, b = _flatten(old), _flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b), key=lambda k: (k not in _HASHED, k)):
+        if a.get(key) == b.get(key):
+            continue
+        diffs.append(f"{key} ({_HASHED[key]})" if key in _HASHED else f"{key} ({a.get(key)!r} -> {b.get(key)!r})")
+    named = [d for d in diffs if not d.startswith("profile.name ")]
+    return named if any(d.startswith("profile.") for d in named) else diffs

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from isl_core.phantoms import _HU_NATIVE, _HU_VENOUS, ShiftSpec, Variation, _random_affine, _smooth_field
+from isl_core.anatomy import HU_NATIVE, HU_VENOUS, ShiftSpec, Variation, random_affine, smooth_field
 
 
 def load_template(sample_dir: str | Path) -> dict[str, Any]:
@@ -52,8 +52,8 @@ def draw_sample_subject(rng: np.random.Generator, template: dict[str, Any], shif
     centre = affine[:3, :3] @ ((np.array(size) - 1) / 2.0) + affine[:3, 3]
     idx = np.indices(size, dtype=np.float32)
     world = np.einsum("ij,j...->i...", affine[:3, :3], idx) + affine[:3, 3, None, None, None]
-    subject_affine = _random_affine(rng, 1.0 + 0.06 * s.body)  # about the scan's centre, not the world origin
-    elastic = _smooth_field(rng, size, variation.elastic_mm)
+    subject_affine = random_affine(rng, 1.0 + 0.06 * s.body)  # about the scan's centre, not the world origin
+    elastic = smooth_field(rng, size, variation.elastic_mm)
     inv = np.linalg.inv(subject_affine)
     p = world + elastic - centre[:, None, None, None]
     q = np.einsum("ij,j...->i...", inv[:3, :3], p) + inv[:3, 3, None, None, None] + centre[:, None, None, None]
@@ -65,7 +65,7 @@ def draw_sample_subject(rng: np.random.Generator, template: dict[str, Any], shif
     enhancement = 1.0 - s.contrast
     for k in np.unique(label):
         if k:
-            image[label == k] += enhancement * (_HU_VENOUS[int(k)] - _HU_NATIVE[int(k)])
+            image[label == k] += enhancement * (HU_VENOUS[int(k)] - HU_NATIVE[int(k)])
     if s.blur > 0:
         image = ndimage.gaussian_filter(image, np.array([2.5 * s.blur, 2.5 * s.blur, 0.0]) / spacing)
     noise = 12.0 * (1 + 1.5 * s.noise) * rng.uniform(0.8, 1.2)

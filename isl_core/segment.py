@@ -25,11 +25,13 @@ import torch
 from torch import nn
 
 from isl_core.config import Profile, SegmentConfig
-from isl_core.runtime import DatasetError, UserError, atomic_path, read_json, resolve_device, write_json
+from isl_core.data import Case, Dataset, load_cases
+from isl_core.runtime import DatasetError, UserError, atomic_path, differences, read_json, resolve_device, write_json
 
 CHECKPOINT = "checkpoint.pt"  # resumable training state, rewritten every `checkpoint_every` steps
 MODEL = "model.pt"  # the final network weights
 CONFIG = "config.json"  # profile + classes: all that is needed to rebuild the network
+MONITORED_CASES = 2  # validation cases whose Dice a training run reports (watched only: no weight depends on them)
 
 
 def build_network(cfg: SegmentConfig, num_classes: int, in_channels: int = 1) -> nn.Module:
@@ -229,13 +231,6 @@ class RunMismatchError(UserError):
     """A run folder holds a model of other settings (dataset, profile, seed, classes) than the ones asked for."""
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted names of the settings that differ between two JSON documents (for a message that names them)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [prefix.rstrip(".")]
-
-
 def check_run_binding(out: str | Path, profile: Profile, num_classes: int, seed: int,
                       dataset_fingerprint: str | None = None) -> None:
     """Refuse a run folder whose ``config.json`` was written for another dataset, profile, class count or seed.
@@ -251,7 +246,7 @@ def check_run_binding(out: str | Path, profile: Profile, num_classes: int, seed:
         raise DatasetError(f"{path}: not an isl-kit run configuration (a JSON {type(old).__name__})")
     new = json.loads(json.dumps({"profile": profile.to_dict(), "num_classes": num_classes, "seed": seed,
                                  "dataset_fingerprint": dataset_fingerprint}))  # tuples -> lists, as stored
-    diffs = _differences({k: old.get(k) for k in new}, new)
+    diffs = differences({k: old.get(k) for k in new}, new)
     if diffs:
         shown = ", ".join(diffs[:6]) + (f" and {len(diffs) - 6} more" if len(diffs) > 6 else "")
         raise RunMismatchError(f"{path}: this run folder belongs to another run (different {shown}); "
@@ -330,6 +325,23 @@ def train_segmenter(train_cases: Sequence[dict[str, Any]], profile: Profile, num
         save_segmenter(net, out / MODEL)
         write_json(out / "history.json", {"steps": state.step, "seconds": state.seconds, "history": state.history})
     return net, state
+
+
+def train_baseline(ds: Dataset, train: Sequence[Case], profile: Profile, out: str | Path, seed: int = 0,
+                   device: str | torch.device = "auto", progress: bool = True,
+                   dataset_fingerprint: str | None = None) -> tuple[nn.Module, TrainState]:
+    """f0 trained on ``train`` into the run folder ``out`` (resuming a half-trained one): the one baseline trainer
+    of ``isl train``, an experiment's baselines (one per fold) and the notebooks.
+
+    Training reports the Dice of the first ``MONITORED_CASES`` validation cases it does not train on; they are
+    only watched (evaluation mode, no gradient, no random number drawn), so the weights are those of an unwatched
+    run (tests/test_segment.py).
+    """
+    trained = {c.id for c in train}
+    watched = [c for c in ds.validation if c.id not in trained][:MONITORED_CASES]
+    return train_segmenter(load_cases(train, profile.data, ds.modality), profile, ds.num_classes, ds.labels, out=out,
+                           val_cases=load_cases(watched, profile.data, ds.modality), device=device, seed=seed,
+                           progress=progress, dataset_fingerprint=dataset_fingerprint)
 
 
 class RunFolderError(UserError, FileNotFoundError):

@@ -3,8 +3,8 @@
 A stamp is a plain mapping: the dataset's content (``data.dataset_fingerprint``), the model by content (or
 ``"trained here"`` when the experiment trains its own baseline from the stamped dataset, profile and seed), the
 profile, the seed and the cross-validation protocol. ``OUT/experiment.json`` holds the folder's stamp and every
-``cases/CASE.json`` the stamp it was made with; :func:`differences` names which settings two stamps disagree on,
-so a refusal can say what changed. The methods are not part of it: adding a method to a folder is allowed, and
+``cases/CASE.json`` the stamp it was made with; ``runtime.differences`` names which settings two stamps disagree
+on, so a refusal can say what changed. The methods are not part of it: adding a method to a folder is allowed, and
 a case is redone when it lacks one.
 """
 
@@ -34,34 +34,3 @@ def make_stamp(ds: Dataset, profile: Profile, seed: int, model: str | None, fold
 def stamp_id(stamp: Mapping[str, Any]) -> str:
     """A short hash of a stamp: equal stamps, equal ids."""
     return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Human-readable list of the settings that differ: ``dataset``, ``model``, ``profile.<stage>.<field>``, ...
-
-    The profile's name is left out when its fields differ (the fields say more); a dataset or model difference
-    says what it means rather than printing two hashes.
-    """
-    a, b = _flatten(old), _flatten(new)
-    diffs = []
-    for key in sorted(set(a) | set(b), key=lambda k: (not k.startswith(("dataset", "model")), k)):
-        if a.get(key) == b.get(key):
-            continue
-        if key == "dataset":
-            diffs.append("dataset (its dataset.json or image/label files changed)")
-        elif key == "model":
-            diffs.append("model (other weights)")
-        else:
-            diffs.append(f"{key} ({a.get(key)!r} -> {b.get(key)!r})")
-    named = [d for d in diffs if not d.startswith("profile.name")]
-    return named if any(d.startswith("profile.") for d in named) else diffs

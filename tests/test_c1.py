@@ -9,6 +9,9 @@ floating-point differences between machines (about 0.003 Dice, README) do not.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from helpers import c1_cohort, c1_profile
@@ -33,3 +36,14 @@ def test_isl_beats_the_baseline_on_shifted_phantoms(tmp_path):
     assert c1["n"] == 4 and c1["delta"] == pytest.approx(delta.mean(), abs=1e-6)
     assert delta.mean() >= BOUND, f"ISL's gain over the baseline fell to {delta.mean():+.3f} (bound {BOUND})"
     assert (delta > 0).all(), f"ISL fell below the baseline on {list(delta[delta <= 0].index)}"
+    # far above every measured seed is as suspect as far below (e.g. the truth leaking into the inference)
+    highest = max(gain for gain, _ in MEASURED.values())
+    assert delta.mean() <= highest + 0.05, f"ISL's gain {delta.mean():+.3f} is far above the measured {highest}"
+
+
+def test_the_bound_stands_on_the_committed_measurement():
+    """``MEASURED`` is bench/c1_bound.py's committed result, and ``BOUND`` under half its smallest gain."""
+    runs = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / "c1_bound.json").read_text())
+    assert {r["seed"]: (round(r["delta"], 3), round(r["worst_case_delta"], 3)) for r in runs} == MEASURED
+    assert BOUND < min(gain for gain, _ in MEASURED.values()) / 2
+    assert all(worst > 0 for _, worst in MEASURED.values())  # every case of every seed gained: hence (delta > 0)

@@ -1,9 +1,9 @@
 """Course material: student copies, the book, the pipeline diagram, the Binder set-up and the figure fixes.
 
 The book test builds the real site (Jupyter Book 1) from stand-in executed notebooks: one tiny notebook is
-executed for real (nbclient) and saved under each of the seven numbered names, with an ``index.md`` written by
-``isl reproduce``'s own writer. That keeps this test at about half a minute; the numbered notebooks are executed
-(once) by tests/test_notebooks.py, and ``make book`` builds from them.
+executed for real (nbclient) and saved under each of the seven numbered names, with the ``index.md`` and
+``index.json`` written by ``isl reproduce``'s own writer. That keeps this test at about half a minute; the numbered
+notebooks are executed (once) by tests/test_notebooks.py, and ``make book`` builds from them.
 """
 
 from __future__ import annotations
@@ -129,6 +129,14 @@ def executed_run(tmp_path_factory):
     return run
 
 
+def test_run_times_are_passed_as_data(executed_run):
+    """What ``isl reproduce`` records (index.json beside index.md) is what the book reads, unrounded."""
+    profile, times = course.run_times(executed_run)
+    assert profile == "ci"
+    assert times == {p.name: ("ok", 10.0 + i) for i, p in enumerate(notebooks())}
+    assert list(times) == [p.name for p in notebooks()]  # in execution order
+
+
 def test_book_links_every_notebook_with_its_figures(executed_run, tmp_path):
     index = course.build_book(executed_run, tmp_path / "book")
     assert index == tmp_path / "book" / "html" / "index.html"
@@ -181,9 +189,9 @@ def test_book_includes_the_glossary_and_readme_figures_it_finds(executed_run, tm
 def test_book_stops_on_a_run_that_is_not_complete(executed_run, tmp_path):
     run = tmp_path / "run"
     (run / "notebooks").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="index.md: missing; run `isl reproduce"):
+    with pytest.raises(FileNotFoundError, match="index.json: missing; run `isl reproduce"):
         course.build_book(run, tmp_path / "book")
-    (run / "index.md").write_text((executed_run / "index.md").read_text())
+    (run / "index.json").write_text((executed_run / "index.json").read_text())
     with pytest.raises(FileNotFoundError, match="00_data_and_phantoms.ipynb: not executed successfully"):
         course.build_book(run, tmp_path / "book")
     assert not (tmp_path / "book" / "html").exists()
@@ -264,4 +272,4 @@ def test_case_grid_uses_the_voxel_spacing_and_separates_row_titles():
 
 def test_course_command_line_reports_a_missing_run(tmp_path, capsys):
     assert course.main(["book", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "book")]) == 2
-    assert "index.md: missing" in capsys.readouterr().err
+    assert "index.json: missing" in capsys.readouterr().err

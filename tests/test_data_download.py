@@ -82,6 +82,13 @@ def test_btcv_kfold(archives, tmp_path):
     ds = load(out)
     assert (len(ds.training), len(ds.validation)) == (24, 6)
     assert json.loads((out / "dataset.json").read_text())["split"]["fold"] == 3
+    # a folder fetched when folds were dealt in sha256 order holds other cases: refused, not taken as this split
+    marker = json.loads((out / MARKER).read_text())
+    del marker["split"]["assignment"]
+    (out / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(FetchError, match="older sha256 order"):
+        fetch(FetchOptions("btcv", out, from_file=str(archives["btcv"]), md5=fab.md5_of(archives["btcv"]), folds=5,
+                           fold=3, seed=1))
 
 
 def test_btcv_synapse_token_from_environment(archives, tmp_path, monkeypatch):
