@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from isl_core.config import DataConfig
-from isl_core.runtime import DatasetError, atomic_path
+from isl_core.runtime import DatasetError, atomic_path, env_flag
 
 __all__ = ["SPLITS", "Case", "Dataset", "DatasetError", "dataset_fingerprint", "load_case", "load_cases",
            "load_dataset", "open_volume", "read_dataset_json", "read_volume", "to_source_geometry", "validate_case",
@@ -160,7 +160,7 @@ def _parse_labels(raw: Any, json_path: Path) -> dict[int, str]:
 def _allow_outside(allow_outside: bool | None) -> bool:
     if allow_outside is not None:
         return allow_outside
-    return os.environ.get(ALLOW_EXTERNAL_PATHS_ENV, "") not in ("", "0")
+    return env_flag(ALLOW_EXTERNAL_PATHS_ENV)
 
 
 def read_dataset_json(folder: str | Path, allow_outside: bool | None = None) -> Dataset:

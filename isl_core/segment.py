@@ -117,21 +117,111 @@ def _train_transform(cfg: SegmentConfig):
     return mt.Compose(steps + tail)
 
 
-def _batches(cases: Sequence[dict[str, Any]], cfg: SegmentConfig, seed: int):
-    """An endless stream of (images, labels) batches of patches from preprocessed cases."""
-    from monai.data import DataLoader, Dataset
+class PatchStream:
+    """An endless stream of (images, labels) batches of random patches from preprocessed cases, whose position and
+    random state fit in a checkpoint: a run resumed from one draws the same patches an uninterrupted run draws.
 
-    plain = [{"image": c["image"], "label": c["label"]} for c in cases]
-    ds = Dataset(plain, transform=_train_transform(cfg))
-    ds_transform = ds.transform
-    if hasattr(ds_transform, "set_random_state"):
-        ds_transform.set_random_state(seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(ds, batch_size=min(cfg.batch_size, len(plain)), shuffle=True, num_workers=0,
-                        generator=gen, drop_last=False)
-    while True:
-        for batch in loader:
-            yield batch["image"], batch["label"]
+    The draws come from the DataLoader's shuffling generator and each random transform's own ``RandomState``
+    (MONAI's ``set_random_state``). ``state()`` holds the generator as it was when the current pass over the cases
+    began, how many batches of that pass were taken, and every transform's state now; ``restore`` replays the
+    pass up to that batch (a few crops) and then puts the transforms' states back.
+    """
+
+    def __init__(self, cases: Sequence[dict[str, Any]], cfg: SegmentConfig, seed: int) -> None:
+        from monai.data import DataLoader, Dataset
+
+        plain = [{"image": c["image"], "label": c["label"]} for c in cases]
+        self._transform = _train_transform(cfg)
+        self._transform.set_random_state(seed=seed)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._loader = DataLoader(Dataset(plain, transform=self._transform), batch_size=min(cfg.batch_size, len(plain)),
+                                  shuffle=True, num_workers=0, generator=self._gen, drop_last=False)
+        self._pass_start = self._gen.get_state()
+        self._taken = 0
+        self._it = iter(self._loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self._pass_start, self._taken = self._gen.get_state(), 0
+            self._it = iter(self._loader)
+            batch = next(self._it)
+        self._taken += 1
+        return batch["image"], batch["label"]
+
+    def _random_states(self) -> list:
+        """Every ``RandomState`` the transforms draw from, in a fixed order (the nested ones included)."""
+        import numpy as np
+
+        found, seen, todo = [], set(), [self._transform]
+        while todo:
+            obj = todo.pop(0)
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            for value in vars(obj).values():
+                if isinstance(value, np.random.RandomState):
+                    found.append(value)
+                elif isinstance(value, (list, tuple)):
+                    todo += [v for v in value if hasattr(v, "__dict__") and type(v).__module__.startswith("monai")]
+                elif hasattr(value, "__dict__") and type(value).__module__.startswith("monai"):
+                    todo.append(value)
+        return found
+
+    def state(self) -> dict[str, Any]:
+        """Tensors and plain numbers only (a checkpoint loads with ``weights_only=True``)."""
+        states = [r.get_state() for r in self._random_states()]
+        return {"generator": self._pass_start.clone(), "taken": self._taken,
+                "transforms": [{"keys": torch.from_numpy(k.astype("int64")), "pos": int(p), "has_gauss": int(g),
+                                "cached": float(c)} for _, k, p, g, c in states]}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        import numpy as np
+
+        self._gen.set_state(state["generator"])
+        self._pass_start, self._taken = self._gen.get_state(), 0
+        self._it = iter(self._loader)
+        for _ in range(int(state["taken"])):
+            next(self)
+        randoms = self._random_states()
+        if len(randoms) != len(state["transforms"]):
+            raise ValueError("the checkpoint's patch sampler has another set of random transforms")
+        for r, s in zip(randoms, state["transforms"], strict=True):
+            r.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
+
+
+def _global_rng_state() -> dict[str, Any]:
+    """The process-wide generators (torch, numpy, python), which dropout or a transform without its own state
+    could draw from; saved so that nothing random differs after a resume."""
+    import random
+
+    import numpy as np
+
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                                                       "has_gauss": int(has_gauss), "cached": float(cached)},
+            "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss": gauss if gauss is None else float(gauss)},
+            **({"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})}
+
+
+def _set_global_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _schedule(cfg: SegmentConfig, total_steps: int) -> Callable[[int], float]:
@@ -177,13 +267,15 @@ class TrainState:
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_at: list[dict[str, Any]] = field(default_factory=list)  # {"step", "exact"} of every resume
 
 
-def _save_checkpoint(out: Path, net, opt, sched, state: TrainState) -> None:
+def _save_checkpoint(out: Path, net, opt, sched, state: TrainState, patches: PatchStream) -> None:
     with atomic_path(out / CHECKPOINT) as tmp:
         torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "step": state.step, "seconds": state.seconds,
-                    "history": json.dumps(state.history)}, tmp)
+                    "step": state.step, "seconds": state.seconds, "history": json.dumps(state.history),
+                    "resumed_at": list(state.resumed_at),
+                    "random": {"patches": patches.state(), "global": _global_rng_state()}}, tmp)
 
 
 def _torch_load(path: Path, device: torch.device | str, what: str) -> Any:
@@ -210,14 +302,18 @@ def _load_state(module, state: Any, path: Path, what: str) -> None:
                            f"({str(e).splitlines()[0][:160]}); use the files of one run together") from None
 
 
-def _load_checkpoint(path: Path, net, opt, sched, device) -> TrainState:
-    ck = _torch_load(path, device, "training checkpoint")
+def _load_checkpoint(path: Path, net, opt, sched, device) -> tuple[TrainState, dict[str, Any] | None]:
+    """The training state of ``path`` (loaded into net, optimiser and schedule) and its random state (``None`` in
+    a checkpoint of an older kit, which did not save it)."""
+    ck = _torch_load(path, "cpu", "training checkpoint")
     if not isinstance(ck, dict) or not {"model", "optimizer", "scheduler", "step", "history"} <= set(ck):
         raise DatasetError(f"{path}: not an isl-kit training checkpoint (keys missing); remove it to restart")
     _load_state(net, ck["model"], path, "checkpoint")
     _load_state(opt, ck["optimizer"], path, "optimiser state")
     _load_state(sched, ck["scheduler"], path, "schedule state")
-    return TrainState(int(ck["step"]), json.loads(ck["history"]), float(ck.get("seconds", 0.0)))
+    state = TrainState(int(ck["step"]), json.loads(ck["history"]), float(ck.get("seconds", 0.0)),
+                       [dict(r) for r in ck.get("resumed_at", [])])
+    return state, ck.get("random")
 
 
 def write_config(out: Path, profile: Profile, num_classes: int, labels: dict[int, str], **extra: Any) -> None:
@@ -303,10 +399,12 @@ def train_segmenter(train_cases: Sequence[dict[str, Any]], profile: Profile, num
         check_run_binding(out, profile, num_classes, seed, dataset_fingerprint)
         out.mkdir(parents=True, exist_ok=True)
         write_config(out, profile, num_classes, labels, seed=seed, dataset_fingerprint=dataset_fingerprint)
-        if (out / CHECKPOINT).is_file():
-            state = _load_checkpoint(out / CHECKPOINT, net, opt, sched, device)
+    batches = PatchStream(train_cases, cfg, seed)
+    if out is not None and (out / CHECKPOINT).is_file():
+        state, random_state = _load_checkpoint(out / CHECKPOINT, net, opt, sched, device)
+        _resume_random_state(batches, random_state, out / CHECKPOINT)
+        state.resumed_at.append({"step": state.step, "exact": random_state is not None})
     loss_fn = loss_function()
-    batches = _batches(train_cases, cfg, seed + state.step)  # a resumed run draws fresh patches
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train f0", disable=not progress, leave=False)
     t0 = time.perf_counter() - state.seconds
     while state.step < cfg.max_steps:
@@ -322,14 +420,28 @@ def train_segmenter(train_cases: Sequence[dict[str, Any]], profile: Profile, num
         bar.update(1)
         state.seconds = time.perf_counter() - t0
         if out is not None and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps):
-            _save_checkpoint(out, net, opt, sched, state)
+            _save_checkpoint(out, net, opt, sched, state, batches)
         if on_step is not None:
             on_step(state.step)
     bar.close()
     if out is not None:
         save_segmenter(net, out / MODEL)
-        write_json(out / "history.json", {"steps": state.step, "seconds": state.seconds, "history": state.history})
+        write_json(out / "history.json", {"steps": state.step, "seconds": state.seconds, "history": state.history,
+                                           "resumed_at": state.resumed_at})
     return net, state
+
+
+def _resume_random_state(batches: PatchStream, random_state: dict[str, Any] | None, path: Path) -> None:
+    """Put the patch sampler and the global generators where the checkpoint left them. An older checkpoint without
+    them resumes with the sampler's fresh start (recorded in ``resumed_at`` as not exact)."""
+    if random_state is None:
+        return
+    try:
+        batches.restore(random_state["patches"])
+        _set_global_rng_state(random_state["global"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise DatasetError(f"{path}: its random state does not fit this training run ({type(e).__name__}: "
+                           f"{str(e)[:120]}); remove it to restart the training") from None
 
 
 class RunFolderError(UserError, FileNotFoundError):
