@@ -93,7 +93,9 @@ def _device(text: str) -> str:
     return text
 
 
-def _setting(text: str) -> Setting:
+def set_option(text: str) -> Setting:
+    """The argparse type of ``--set STAGE.FIELD=VALUE`` (for the kit's commands and the bench scripts):
+    ``config.parse_setting``, which checks the value against its field, with argparse's way of refusing."""
     try:
         return parse_setting(text)
     except ValueError as e:
@@ -106,7 +108,7 @@ def _common(p: argparse.ArgumentParser, profile: bool = True) -> None:
     if profile:
         p.add_argument("--profile", default="quick", choices=PROFILE_NAMES,
                        help="settings preset: ci (tests), quick (laptop CPU), paper (GPU)")
-        p.add_argument("--set", dest="settings", type=_setting, action="append", default=[],
+        p.add_argument("--set", dest="settings", type=set_option, action="append", default=[],
                        metavar="STAGE.FIELD=VALUE", help="change one setting of the profile (repeatable), e.g. "
                        "refine.appearance=none or data.spacing=[6,6,8]; recorded in the run's settings stamp")
 

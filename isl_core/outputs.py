@@ -255,7 +255,8 @@ def claim(out: Path, what: str = "command", only: Iterable[Path] | None = None) 
                 raise _refusal(foreign[0], manifest_root(foreign[0]))
         else:
             for path in only:
-                check_replaceable(path)
+                if Path(path).exists() and not owned(path):
+                    raise _refusal(Path(path), manifest_root(Path(path)))
         if only is None or manifest_root(out / MANIFEST) != out:
             _start_manifest(out)
         yield out
