@@ -13,6 +13,7 @@ Why the values are what they are is documented in ``docs/paper_reconstruction.md
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -49,11 +50,10 @@ class _Checked:
 
     The annotation gives each field's type: ``Literal[...]`` the allowed values of a string option, ``int`` /
     ``float`` / ``bool`` / ``str`` the type, ``tuple[float, float, float]`` a sequence of exactly three numbers and
-    ``tuple[int, ...]`` a non-empty one (a JSON list from ``--set`` becomes the tuple). ``_RANGES`` maps a numeric
-    field (or every item of a tuple field) to ``(low, high, high_inclusive[, low_inclusive])`` (``None``:
-    unbounded). Settings that must agree with each other are checked by ``_check_together`` once an object is
-    complete. Checking on assignment matters because notebooks and tests change profiles in place:
-    ``profile.refine.appearance = "mtach"`` must fail there, not silently turn appearance matching off much later.
+    ``tuple[int, ...]`` a non-empty one (a list becomes the tuple). ``_RANGES`` maps a numeric field (or each item
+    of a tuple field) to ``(low, high, high_inclusive[, low_inclusive])`` (``None``: unbounded); settings that must
+    agree are checked by ``_check_together`` once an object is complete. Checking on assignment matters because
+    notebooks change profiles in place: ``profile.refine.appearance = "mtach"`` must fail there, not later.
     """
 
     _RANGES: typing.ClassVar[dict[str, tuple]] = {}
@@ -68,12 +68,9 @@ class _Checked:
         """Raise ``ValueError`` when two settings of this stage contradict each other."""
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    cache = cls.__dict__.get("_hints_cache")
-    if cache is None:
-        cache = typing.get_type_hints(cls)
-        type.__setattr__(cls, "_hints_cache", cache)
-    return cache
+    return typing.get_type_hints(cls)
 
 
 def _is_a(value: Any, kind: Any) -> bool:
@@ -90,12 +87,9 @@ _WORDS = {bool: "true or false", int: "an integer", float: "a finite number", st
 
 
 def _in_range(value: Any, bounds: tuple | None) -> bool:
-    if bounds is None:
-        return True
-    lo, hi, hi_inclusive, *rest = bounds
-    lo_inclusive = rest[0] if rest else True
-    return (lo is None or (value >= lo if lo_inclusive else value > lo)) and \
-        (hi is None or (value <= hi if hi_inclusive else value < hi))
+    lo, hi, hi_inclusive, lo_inclusive = (*bounds, True)[:4] if bounds else (None, None, False, True)
+    return (lo is None or value > lo or (lo_inclusive and value == lo)) and \
+        (hi is None or value < hi or (hi_inclusive and value == hi))
 
 
 def _range_words(bounds: tuple) -> str:
