@@ -1,10 +1,12 @@
 """Stage 1: initial segmentation learning — the baseline segmenter f0, its training, prediction and checkpoints.
 
 The network is a MONAI 3D ``UNet`` or ``DynUNet`` sized by the profile. Training samples patches balanced on
-foreground (``RandCropByPosNegLabeld``), applies light augmentation, and optimises ``DiceCELoss`` with AdamW
-under a warm-up + cosine schedule, with gradient clipping and bf16 autocast on CUDA. A checkpoint holds
-only tensors and plain containers (``state_dict`` of net, optimiser and schedule, the step, the history),
-so it loads with ``torch.load(..., weights_only=True)``; ``config.json`` beside it rebuilds the network.
+foreground (``RandCropByPosNegLabeld`` in ``patches.PatchStream``), applies light augmentation, and optimises
+``DiceCELoss`` with AdamW under a warm-up + cosine schedule, with gradient clipping and bf16 autocast on CUDA. A
+checkpoint holds only tensors and plain containers (``state_dict`` of net, optimiser and schedule, the step, the
+history, the random state of the patch sampler and of the process), so a resumed training equals an uninterrupted
+one and the checkpoint loads with ``torch.load(..., weights_only=True)``; ``config.json`` beside it rebuilds the
+network.
 
 Stage 3 fine-tunes a copy of this network; it reuses ``loss_function``, ``train_step`` and ``predict_proba``.
 """
@@ -244,7 +246,8 @@ def train_segmenter(train_cases: Sequence[dict[str, Any]], profile: Profile, num
                     val_cases: Sequence[dict[str, Any]] = (), device: str | torch.device = "auto", seed: int = 0,
                     progress: bool = True, on_step: Callable[[int], None] | None = None,
                     dataset_fingerprint: str | None = None) -> tuple[nn.Module, TrainState]:
-    """Train the baseline segmenter on preprocessed cases; resumes from ``out/checkpoint.pt`` when present.
+    """Train the baseline segmenter on preprocessed cases; resumes from ``out/checkpoint.pt`` when present, to the
+    same weights as an uninterrupted run (the checkpoint holds the patch sampler's and the global random state).
 
     A run folder is bound to its settings: ``out/config.json`` records the profile, classes, seed and
     ``dataset_fingerprint`` (``data.dataset_fingerprint``), and a folder made with others is refused
