@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
-from isl_core.cli import _setting
+from isl_core.cli import set_option
 from isl_core.commands import profile_from_args
 from isl_core.data import load_case, load_cases, load_dataset
 from isl_core.evaluate import organ_metrics
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--name", required=True, help="name of the results file: mask_quality_<name>.json")
     ap.add_argument("--profile", default="quick")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--set", dest="settings", action="append", default=[], type=_setting, metavar="STAGE.FIELD=VALUE",
+    ap.add_argument("--set", dest="settings", action="append", default=[], type=set_option, metavar="STAGE.FIELD=VALUE",
                     help="a profile change, as for isl experiment (the baseline must have been trained with it)")
     args = ap.parse_args()
     profile = profile_from_args(args)

@@ -1,11 +1,12 @@
 """The dataset folder ``--out``: what may be replaced, the temporaries next to it, and writing it.
 
 The marker is written last and names the sha256 of the verified archive: its presence is what makes a re-run
-a no-op, and it is the only proof that the kit made a folder. A folder without it is never replaced, with or
-without ``--force``: it may hold anybody's work. A folder with it is replaced (``--force``) only while it holds
-nothing but what the kit wrote there.
+a no-op. A folder without it is never replaced, with or without ``--force``: it may hold anybody's work. A folder
+with it is replaced (``--force``) only while it holds nothing but what the kit wrote there: the files of its
+manifest (``isl_core.outputs``), each with the content the kit wrote. A case the user added, even one listed in
+dataset.json, or an edited dataset.json, makes ``--force`` refuse.
 
-While a fetch runs it holds a lock file ``.OUT.lock`` next to ``--out``; with the lock held, the hidden
+While a fetch runs it holds the kit's lock file ``.OUT.lock`` next to ``--out``; with the lock held, the hidden
 ``.OUT.extract-*`` / ``.OUT.partial-*`` / ``.OUT.old-*`` folders that a killed run of the same ``--out`` left
 behind are removed (no running fetch can own them).
 """
@@ -27,12 +28,10 @@ from typing import Any
 from data_download.convert_common import Converted
 from data_download.errors import FetchError
 from data_download.sources import Source
+from isl_core import outputs
 
 MARKER = ".isl_fetch_complete.json"
 FORMAT_VERSION = 1
-#: What the kit writes into a dataset folder besides the cases dataset.json lists (``isl data show`` draws
-#: cohort.png into the dataset folder by default).
-KIT_FILES = frozenset({MARKER, "dataset.json", "LICENSE.txt", "CITATION.txt", "cohort.png"})
 #: The kinds of hidden temporary folder ``fetch`` and ``commit`` make next to ``--out`` (``tempfile.mkdtemp``
 #: names: the prefix, then 8 characters).
 TEMP_KINDS = ("extract", "partial", "old")
@@ -50,20 +49,6 @@ def read_marker(out: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else {}
 
 
-def foreign_files(out: Path) -> list[Path]:
-    """Files in the kit-made folder ``out`` that the kit did not write there (a user's notes, results, ...)."""
-    ours = {out / name for name in KIT_FILES}
-    try:
-        doc = json.loads((out / "dataset.json").read_text())
-        for section in ("training", "validation", "test"):
-            for case in doc.get(section) or []:
-                ours.update(out / str(case[key]) for key in ("image", "label") if key in case)
-    except (OSError, ValueError, TypeError, AttributeError):
-        pass  # without a readable dataset.json, only the fixed names count as ours
-    ours = {Path(os.path.normpath(p)) for p in ours}
-    return sorted(p for p in out.rglob("*") if not p.is_dir() and Path(os.path.normpath(p)) not in ours)
-
-
 def check_replaceable(out: Path) -> None:
     """Refuse to replace ``out`` unless it is empty or a folder the kit made that holds only the kit's files."""
     if not out.exists():
@@ -75,10 +60,11 @@ def check_replaceable(out: Path) -> None:
     if read_marker(out) is None:
         raise FetchError(f"--out {out} is a folder the kit did not make (no {MARKER}) and is never replaced; "
                          "choose a new or empty folder for --out")
-    foreign = foreign_files(out)
+    foreign = outputs.foreign_files(out)
     if foreign:
         raise FetchError(f"--out {out} holds {len(foreign)} file(s) the kit did not write (e.g. "
-                         f"{foreign[0].relative_to(out)}); move them out of {out} before rebuilding it")
+                         f"{foreign[0].relative_to(out)}: not in its {outputs.MANIFEST}, or changed since); move "
+                         f"them out of {out} before rebuilding it")
 
 
 def temp_prefix(out: Path, kind: str) -> str:
@@ -103,37 +89,13 @@ def remove_stale_temporaries(out: Path) -> None:
 
 @contextlib.contextmanager
 def out_lock(out: Path) -> Iterator[None]:
-    """Hold ``.OUT.lock`` next to ``out`` while a fetch writes there; a second fetch into ``out`` is refused.
-
-    The lock file goes when the fetch ends; the OS releases the lock of a killed run, so a stale file blocks
-    nothing. After locking, the path is checked to still name the locked file: a run that ended in between may
-    have removed it, and a lock on a removed file would exclude nobody.
-    """
+    """Hold the kit's lock of ``out`` (``isl_core.outputs.lock``) while a fetch writes there; a second command
+    into ``out`` is refused with a ``FetchError``."""
     try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; a fetch into the same --out twice at once is not guarded
-        yield
-        return
-    path = out.parent / f".{out.name}.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise FetchError(f"another fetch into {out} is running (it holds {path}); wait for it to end, or "
-                             "choose another --out") from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
+        with outputs.lock(out, "fetch"):
+            yield
+    except outputs.OutputFolderError as e:
+        raise FetchError(str(e)) from None
 
 
 def os_error_message(e: OSError, out: Path) -> str:
@@ -208,6 +170,7 @@ def write_folder(staging: Path, src: Source, converted: Converted, training: lis
         "completed": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     (staging / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    outputs.record_tree(staging)  # what the kit may later replace: exactly these files with this content
     return doc
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import socket
 import time
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from isl_core import outputs
 from isl_core.config import Profile
 from isl_core.data import DatasetError, load_cases, read_dataset_json, write_prediction
 from isl_core.evaluate import evaluate_predictions, with_grid_dice
@@ -165,7 +165,7 @@ def baseline_run(job: BaselineJob) -> str:
     if run.exists() and (not marker.is_file() or read_json(marker, "baseline stamp") != stamp):
         # a baseline of other settings in the experiment's own folder (the driver refused this unless --force):
         # it cannot serve these settings and is the kit's own output, so it is trained afresh
-        shutil.rmtree(run)
+        outputs.remove_tree(run)
     write_json(marker, stamp)
     ds, train = _cases(job.dataset, job.train_ids)
     train_baseline(ds, train, job.profile, run, seed=job.seed, device=resolve_device(job.device), progress=job.progress)

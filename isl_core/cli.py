@@ -16,16 +16,15 @@ Exit status and messages:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
-import json
 import math
-import os
 import sys
-from pathlib import Path
 
-from isl_core.config import DEFAULT_METHODS, METHODS, PROFILE_NAMES
-from isl_core.runtime import UserError
+from data_download.errors import FetchError
+from isl_core import commands
+from isl_core.config import DEFAULT_METHODS, METHODS, PROFILE_NAMES, Setting, parse_setting
+from isl_core.outputs import OutputFolderError
+from isl_core.runtime import UserError, env_flag
 
 
 class UsageError(UserError):
@@ -94,18 +93,13 @@ def _device(text: str) -> str:
     return text
 
 
-def _setting(text: str) -> tuple[str, str, object]:
-    """``STAGE.FIELD=VALUE`` -> (stage, field, value); the value is read as JSON when it parses, else as text."""
-    key, eq, raw = text.partition("=")
-    stage, dot, field = key.strip().partition(".")
-    if not eq or not dot or not stage or not field:
-        raise argparse.ArgumentTypeError(f"{text!r}: write STAGE.FIELD=VALUE, e.g. refine.appearance=none or "
-                                         "data.spacing=[6,6,8]")
+def set_option(text: str) -> Setting:
+    """The argparse type of ``--set STAGE.FIELD=VALUE`` (for the kit's commands and the bench scripts):
+    ``config.parse_setting``, which checks the value against its field, with argparse's way of refusing."""
     try:
-        value = json.loads(raw)
-    except ValueError:
-        value = raw
-    return stage, field.strip(), value
+        return parse_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _common(p: argparse.ArgumentParser, profile: bool = True) -> None:
@@ -114,48 +108,9 @@ def _common(p: argparse.ArgumentParser, profile: bool = True) -> None:
     if profile:
         p.add_argument("--profile", default="quick", choices=PROFILE_NAMES,
                        help="settings preset: ci (tests), quick (laptop CPU), paper (GPU)")
-        p.add_argument("--set", dest="settings", type=_setting, action="append", default=[],
+        p.add_argument("--set", dest="settings", type=set_option, action="append", default=[],
                        metavar="STAGE.FIELD=VALUE", help="change one setting of the profile (repeatable), e.g. "
                        "refine.appearance=none or data.spacing=[6,6,8]; recorded in the run's settings stamp")
-
-
-def _cmd_synth(args: argparse.Namespace) -> int:
-    from isl_core.phantoms import VARIATIONS, CohortSpec, write_cohort
-    from isl_core.viz import cohort_figure
-
-    if args.anatomy == "sample" and not args.sample_dir:
-        raise UserError("--anatomy sample needs --sample-dir DIR: the folder `isl data fetch sample --out DIR` wrote")
-    variation = dataclasses.replace(VARIATIONS[args.variation], **{
-        k: v for k, v in (("elastic_mm", args.elastic_mm), ("organ_jitter_mm", args.organ_jitter_mm),
-                          ("size_spread", args.size_spread), ("gallbladder_absent", args.gallbladder_absent))
-        if v is not None})
-    spec = CohortSpec(n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, shift=args.shift,
-                      size=tuple(args.size), seed=args.seed, variation=variation, anatomy=args.anatomy,
-                      sample_dir=str(Path(args.sample_dir).resolve()) if args.sample_dir else None)
-    out = write_cohort(args.out, spec, force=args.force)
-    if args.figure:
-        cohort_figure(out, out / "cohort.png")
-    print(f"synthetic cohort: {out} ({spec.n_train} training, {spec.n_val} validation, {spec.n_test} test; "
-          f"shift {spec.shift}; {spec.anatomy} anatomy, variation {args.variation}"
-          + (f"; size {'x'.join(map(str, spec.size))})" if spec.anatomy == "phantom" else ")"))
-    return 0
-
-
-def _cmd_show(args: argparse.Namespace) -> int:
-    from isl_core.data import load_dataset
-    from isl_core.viz import cohort_figure
-
-    load_dataset(args.dataset)
-    out = Path(args.out) if args.out else Path(args.dataset) / "cohort.png"
-    cohort_figure(args.dataset, out)
-    print(f"figure: {out}")
-    return 0
-
-
-def _cmd_fetch(args: argparse.Namespace) -> int:
-    from data_download.cli import run_fetch
-
-    return run_fetch(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,12 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", action=argparse.BooleanOptionalAction, default=True,
                    help="also write cohort.png (default on)")
     _common(p, profile=False)
-    p.set_defaults(func=_cmd_synth)
+    p.set_defaults(func=commands.synth)
 
     p = data.add_parser("show", help="validate a dataset folder and draw a training and an inference case")
     p.add_argument("dataset")
     p.add_argument("--out", help="PNG path (default DATASET/cohort.png)")
-    p.set_defaults(func=_cmd_show)
+    p.set_defaults(func=commands.show)
 
     p = data.add_parser("fetch", help="fetch, verify and convert a public dataset into a dataset folder")
     try:
@@ -205,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # the package is part of the kit; this only guards partial checkouts
         pass
     _common(p, profile=False)
-    p.set_defaults(func=_cmd_fetch)
+    p.set_defaults(func=commands.fetch)
 
     _add_stage_commands(sub)
     return parser
@@ -213,8 +168,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_stage_commands(sub) -> None:
     """Stage subcommands (train, predict, evaluate, experiment, reproduce)."""
-    from isl_core import commands
-
     p = sub.add_parser("train", help="Stage 1: train the baseline segmenter on the training cases")
     p.add_argument("dataset")
     p.add_argument("--out", required=True, help="run folder (checkpoint, config, log)")
@@ -292,7 +245,7 @@ def _one_line(text: str) -> str:
 
 def describe_error(e: BaseException) -> tuple[int, str]:
     """(exit status, the one line for stderr) of an exception that ends an ``isl`` command."""
-    if isinstance(e, (UserError, FileExistsError)) or type(e).__name__ in ("FetchError", "DatasetError"):
+    if isinstance(e, (UserError, FileExistsError, FetchError, OutputFolderError)):
         return 2, f"isl: error: {_one_line(e)}"
     if isinstance(e, OSError) and e.errno in _OS_REASONS:
         # the expected failures of the file system name the path the kit was reading or writing
@@ -306,20 +259,34 @@ def describe_error(e: BaseException) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> int:
     """Run ``isl ARGV``; returns the exit status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get("ISL_DEBUG", "") not in ("", "0")
+    debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     try:
+        debug = debug or env_flag("ISL_DEBUG")
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("isl: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as e:
+        _close_progress_bars()
         if debug:
             raise
         code, line = describe_error(e)
         print(line, file=sys.stderr)
         return code
+
+
+def _close_progress_bars() -> None:
+    """Close every open tqdm bar, so the error line stands alone as the last line of stderr.
+
+    tqdm offers no public list of the open bars; ``tqdm._instances`` is the set ``tqdm.write`` itself uses.
+    """
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

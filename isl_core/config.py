@@ -13,8 +13,12 @@ Why the values are what they are is documented in ``docs/paper_reconstruction.md
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
+import numbers
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,47 +53,87 @@ Supervision = Literal["intensity", "mask", "both"]
 class _Checked:
     """Checks every field whenever it is set (at construction and on later assignment).
 
-    ``Literal[...]`` annotations give the allowed values of string options; ``_RANGES`` maps a numeric field to
-    ``(low, high, high_inclusive)`` (``None``: unbounded). Checking on assignment matters because notebooks and
-    tests change profiles in place: ``profile.refine.appearance = "mtach"`` must fail there, not silently turn
-    appearance matching off much later.
+    The annotation gives each field's type: ``Literal[...]`` the allowed values of a string option, ``int`` /
+    ``float`` / ``bool`` / ``str`` the type, ``tuple[float, float, float]`` a sequence of exactly three numbers and
+    ``tuple[int, ...]`` a non-empty one (a list becomes the tuple). ``_RANGES`` maps a numeric field (or each item
+    of a tuple field) to ``(low, high, high_inclusive[, low_inclusive])`` (``None``: unbounded); settings that must
+    agree are checked by ``_check_together`` once an object is complete. Checking on assignment matters because
+    notebooks change profiles in place: ``profile.refine.appearance = "mtach"`` must fail there, not later.
     """
 
-    _RANGES: typing.ClassVar[dict[str, tuple[float | None, float | None, bool]]] = {}
+    _RANGES: typing.ClassVar[dict[str, tuple]] = {}
 
     def __setattr__(self, name: str, value: Any) -> None:
-        _check_field(type(self), name, value)
-        super().__setattr__(name, value)
+        super().__setattr__(name, _check_field(type(self), name, value))
+
+    def __post_init__(self) -> None:
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Raise ``ValueError`` when two settings of this stage contradict each other."""
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    cache = cls.__dict__.get("_hints_cache")
-    if cache is None:
-        cache = typing.get_type_hints(cls)
-        type.__setattr__(cls, "_hints_cache", cache)
-    return cache
+    return typing.get_type_hints(cls)
 
 
-def _check_field(cls: type, name: str, value: Any) -> None:
+def _is_a(value: Any, kind: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+_WORDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a text"}
+
+
+def _in_range(value: Any, bounds: tuple | None) -> bool:
+    lo, hi, hi_inclusive, lo_inclusive = (*bounds, True)[:4] if bounds else (None, None, False, True)
+    return (lo is None or value > lo or (lo_inclusive and value == lo)) and \
+        (hi is None or value < hi or (hi_inclusive and value == hi))
+
+
+def _range_words(bounds: tuple) -> str:
+    lo, hi, hi_inclusive, *rest = bounds
+    parts = [] if lo is None else [f"{'>=' if (rest[0] if rest else True) else '>'} {lo}"]
+    parts += [] if hi is None else [f"{'<=' if hi_inclusive else '<'} {hi}"]
+    return " and ".join(parts)
+
+
+def _check_field(cls: type, name: str, value: Any) -> Any:
+    """``value`` checked against the field's type, length and range (a list becomes a tuple); else ``ValueError``."""
     where = f"{cls.__name__}.{name}"
     hint = _hints(cls).get(name)
+    bounds = cls._RANGES.get(name)
     if typing.get_origin(hint) is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
             raise ValueError(f"{where} = {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
-    bounds = cls._RANGES.get(name)
-    if bounds is not None:
-        lo, hi, hi_inclusive = bounds
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (lo is None or value >= lo) and (hi is None or (value <= hi if hi_inclusive else value < hi))
-        if not ok:
-            upper = "" if hi is None else f" and {'<=' if hi_inclusive else '<'} {hi}"
-            raise ValueError(f"{where} = {value!r} is out of range; it must be a finite number >= {lo}{upper}")
+        return value
+    if typing.get_origin(hint) is tuple:
+        kinds = typing.get_args(hint)
+        kind, length = kinds[0], (None if kinds[-1] is Ellipsis else len(kinds))
+        shape = f"{length} items" if length else "one or more items"
+        want = f"a list of {shape}, each {_WORDS.get(kind, kind)}{' ' + _range_words(bounds) if bounds else ''}"
+        ok = isinstance(value, (list, tuple)) and (len(value) == length if length else len(value) > 0)
+        if not ok or not all(_is_a(v, kind) and _in_range(v, bounds) for v in value):
+            raise ValueError(f"{where} = {value!r} is not allowed; it must be {want}")
+        return tuple(value)
+    if hint in _WORDS:
+        if not _is_a(value, hint) or not _in_range(value, bounds):
+            extra = f" {_range_words(bounds)}" if bounds else ""
+            raise ValueError(f"{where} = {value!r} is not allowed; it must be {_WORDS[hint]}{extra}")
+    return value
 
 
 _POSITIVE = (1, None, False)  # an integer count of at least one
 _NON_NEGATIVE = (0, None, False)
 _FRACTION = (0, 1, True)
+_ABOVE_ZERO = (0, None, False, False)  # a size or a scale: any positive number
 
 
 @dataclass
@@ -101,6 +145,12 @@ class DataConfig(_Checked):
     modality: str = "CT"
     ct_window: tuple[float, float] = (-175.0, 250.0)  # HU window mapped to [0, 1] (abdominal soft tissue)
     crop_foreground: bool = True  # crop to the body (intensity above the window's lower bound)
+
+    _RANGES = {"spacing": _ABOVE_ZERO, "shape": _POSITIVE}
+
+    def _check_together(self) -> None:
+        if not self.ct_window[0] < self.ct_window[1]:
+            raise ValueError(f"DataConfig.ct_window = {self.ct_window!r}: the lower bound must be below the upper")
 
 
 @dataclass
@@ -131,7 +181,17 @@ class SegmentConfig(_Checked):
     _RANGES = {"batch_size": _POSITIVE, "num_samples": _POSITIVE, "max_steps": _NON_NEGATIVE,
                "lr": (0, None, False), "warmup_steps": _NON_NEGATIVE, "val_every": _POSITIVE,
                "checkpoint_every": _POSITIVE, "dropout": (0, 1, False), "sw_overlap": (0, 1, False),
-               "sw_batch_size": _POSITIVE, "grad_clip": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE}
+               "sw_batch_size": _POSITIVE, "grad_clip": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
+               "channels": _POSITIVE, "strides": _POSITIVE, "patch_size": _POSITIVE, "num_res_units": _NON_NEGATIVE,
+               "pos_neg_ratio": _NON_NEGATIVE}
+
+    def _check_together(self) -> None:
+        # UNet needs one stride between each pair of levels; DynUNet uses the first len(strides) + 1 channels
+        n = len(self.strides) + 1
+        if (self.arch == "unet" and len(self.channels) != n) or (self.arch == "dynunet" and len(self.channels) < n):
+            raise ValueError(f"SegmentConfig.channels = {self.channels!r} and strides = {self.strides!r} do not fit "
+                             f"a {self.arch}: give {'exactly' if self.arch == 'unet' else 'at least'} one more "
+                             "channel count than strides")
 
 
 @dataclass
@@ -212,7 +272,14 @@ class RefineConfig(_Checked):
     _RANGES = {"rounds": _POSITIVE, "finetune_steps": _POSITIVE, "lr": (0, None, False),
                "batch_size": _POSITIVE, "mix_original": (0, 1, False), "beta": (0, 1, False),
                "ema_every": _NON_NEGATIVE, "malf_blend": _FRACTION, "mask_from_round": _POSITIVE,
-               "consensus_agree": _FRACTION, "augment_shift": _NON_NEGATIVE, "augment_noise": _NON_NEGATIVE}
+               "consensus_agree": _FRACTION, "augment_shift": _NON_NEGATIVE, "augment_noise": _NON_NEGATIVE,
+               "augment_gamma": _ABOVE_ZERO, "augment_scale": _ABOVE_ZERO}
+
+    def _check_together(self) -> None:
+        for name in ("augment_gamma", "augment_scale"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"RefineConfig.{name} = {(lo, hi)!r}: the lower bound must not exceed the upper")
 
 
 _STAGES: dict[str, type] = {"data": DataConfig, "segment": SegmentConfig, "register": RegisterConfig,
@@ -343,3 +410,48 @@ SYNTH_COHORTS: dict[str, dict[str, Any]] = {
     "quick": {"n_train": 12, "n_val": 6, "size": (96, 96, 64)},
     "paper": {"n_train": 12, "n_val": 6, "size": (96, 96, 64)},
 }
+
+
+# ------------------------------------------------------------------------------------- --set STAGE.FIELD=VALUE
+Setting = tuple[str, str, Any]
+
+
+def parse_setting(text: str) -> Setting:
+    """``"STAGE.FIELD=VALUE"`` -> ``(stage, field, value)``, the value read as JSON when it parses, else as text,
+    and checked against the field (type, length, range) here, before anything runs; else ``ValueError``."""
+    key, eq, raw = text.partition("=")
+    stage, dot, name = key.strip().partition(".")
+    name = name.strip()
+    if not eq or not dot or not stage or not name:
+        raise ValueError(f"{text!r}: write STAGE.FIELD=VALUE, e.g. refine.appearance=none or data.spacing=[6,6,8]")
+    if stage not in _STAGES:
+        raise ValueError(f"{text!r}: unknown stage {stage!r}; known: {', '.join(_STAGES)}")
+    fields = {f.name for f in dataclasses.fields(_STAGES[stage])}
+    if name not in fields:
+        raise ValueError(f"{text!r}: unknown field {name!r} of {stage}; known: {', '.join(sorted(fields))}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return stage, name, _check_field(_STAGES[stage], name, value)
+
+
+def profile_from_settings(name: str, settings: Sequence[Setting] = (),
+                          options: Mapping[str, Setting | None] | None = None) -> Profile:
+    """The profile ``name`` with ``settings`` (parsed ``--set`` values) and ``options`` applied.
+
+    ``options`` maps a command-line option (``"--beta"``) to the setting it sets, ``None`` when it was not given.
+    Each setting has one entry point: one set twice to different values (``--beta 0.5 --set refine.beta=0.7``, or
+    two ``--set`` of one field) raises ``ValueError`` naming both.
+    """
+    given: dict[tuple[str, str], tuple[str, Any]] = {}
+    named = [(f"--set {s}.{f}={json.dumps(v)}", (s, f, v)) for s, f, v in settings]
+    named += [(f"{opt} {json.dumps(st[2])}", st) for opt, st in (options or {}).items() if st is not None]
+    for words, (stage, field_name, value) in named:
+        earlier = given.setdefault((stage, field_name), (words, value))
+        if earlier[1] != value:
+            raise ValueError(f"{earlier[0]} and {words} set {stage}.{field_name} to different values; give one")
+    overrides: dict[str, dict[str, Any]] = {}
+    for (stage, field_name), (_, value) in given.items():
+        overrides.setdefault(stage, {})[field_name] = value
+    return get_profile(name, **overrides)

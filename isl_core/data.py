@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -29,34 +28,15 @@ import numpy as np
 import torch
 
 from isl_core.config import DataConfig
-from isl_core.runtime import DatasetError, atomic_path
+from isl_core.runtime import DatasetError, atomic_path, env_flag
+from isl_core.validate import MAX_LABEL_ID, MAX_VOXELS, check_case_files, env_int, open_volume, read_volume
 
-__all__ = ["SPLITS", "Case", "Dataset", "DatasetError", "dataset_fingerprint", "load_case", "load_cases",
-           "load_dataset", "open_volume", "read_dataset_json", "read_volume", "to_source_geometry", "validate_case",
-           "write_dataset_json", "write_nifti", "write_prediction"]
+__all__ = ["MAX_LABEL_ID", "MAX_VOXELS", "SPLITS", "Case", "Dataset", "DatasetError", "dataset_fingerprint",
+           "load_case", "load_cases", "load_dataset", "open_volume", "read_dataset_json", "read_volume",
+           "to_source_geometry", "validate_case", "write_dataset_json", "write_nifti", "write_prediction"]
 
 SPLITS = ("training", "validation", "test")
-_AFFINE_ATOL_MM = 1e-3  # image and label may differ by float rounding in their headers, not by more
-
-# Resource caps, checked before anything large is allocated. A forged header can claim any shape and a label id
-# sets the size of every one-hot map, so both are bounded; a real dataset that needs more raises them through the
-# environment variable named beside each (read at every check).
-MAX_VOXELS = 2**29  # ISL_MAX_VOXELS: 537 M voxels (2 GiB as float32), e.g. 512 x 512 x 2048
-MAX_LABEL_ID = 255  # ISL_MAX_LABEL_ID: label ids 0..255 (predictions are written as uint8 up to this)
-ALLOW_EXTERNAL_PATHS_ENV = "ISL_ALLOW_EXTERNAL_PATHS"  # "1": dataset.json may point outside its folder
-
-
-def _cap(env: str, default: int) -> int:
-    raw = os.environ.get(env)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise DatasetError(f"environment variable {env}={raw!r}: not an integer") from None
-    if value < 1:
-        raise DatasetError(f"environment variable {env}={raw!r}: must be >= 1")
-    return value
+ALLOW_EXTERNAL_PATHS_ENV = "ISL_ALLOW_EXTERNAL_PATHS"  # a switch (runtime.env_flag): dataset.json may point outside
 
 
 @dataclass
@@ -149,7 +129,12 @@ def _parse_labels(raw: Any, json_path: Path) -> dict[int, str]:
         raise DatasetError(f"{json_path}: label ids must be integers ({e}); fix the keys of 'labels'") from None
     if 0 not in labels:
         raise DatasetError(f"{json_path}: 'labels' must declare 0 (background)")
-    cap = _cap("ISL_MAX_LABEL_ID", MAX_LABEL_ID)
+    if len(labels) != len(raw):  # "1" and "01" both read as 1: one organ's name would silently replace the other's
+        keys = sorted(raw, key=lambda k: (int(k), k))
+        twins = [k for k in keys if sum(int(o) == int(k) for o in keys) > 1]
+        raise DatasetError(f"{json_path}: label ids {', '.join(map(repr, twins))} in 'labels' name one id twice; "
+                           "keep one key per label id")
+    cap = env_int("ISL_MAX_LABEL_ID", MAX_LABEL_ID)
     if min(labels) < 0 or max(labels) > cap:
         # every one-hot map has max(id) + 1 channels: one stray id like 100000 would need terabytes
         raise DatasetError(f"{json_path}: label id {max(labels) if max(labels) > cap else min(labels)} is outside "
@@ -160,7 +145,7 @@ def _parse_labels(raw: Any, json_path: Path) -> dict[int, str]:
 def _allow_outside(allow_outside: bool | None) -> bool:
     if allow_outside is not None:
         return allow_outside
-    return os.environ.get(ALLOW_EXTERNAL_PATHS_ENV, "") not in ("", "0")
+    return env_flag(ALLOW_EXTERNAL_PATHS_ENV)
 
 
 def read_dataset_json(folder: str | Path, allow_outside: bool | None = None) -> Dataset:
@@ -214,63 +199,9 @@ def read_dataset_json(folder: str | Path, allow_outside: bool | None = None) -> 
     return Dataset(root, labels, splits["training"], splits["validation"], splits["test"], modality, meta)
 
 
-def open_volume(path: str | Path, role: str) -> nib.Nifti1Image:
-    """The NIfTI image at ``path`` with only its header read, checked before any voxel is: it exists, parses, is 3-D
-    and holds at most ``ISL_MAX_VOXELS`` voxels (a forged header cannot make the kit allocate gigabytes)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: {role} file not found; fix the path in dataset.json or restore the file")
-    try:
-        img = nib.load(str(path))  # parses the header only; voxels are read on demand
-    except Exception as e:  # nibabel raises many types for corrupt files
-        raise DatasetError(f"{path}: unreadable {role} ({type(e).__name__}: {e}); "
-                           "re-export or re-download it") from None
-    shape = tuple(int(n) for n in img.shape)
-    if len(shape) != 3:
-        raise DatasetError(f"{path}: expected a 3D volume, got shape {shape}; export a single-channel 3D image")
-    cap = _cap("ISL_MAX_VOXELS", MAX_VOXELS)
-    if min(shape) < 1 or math.prod(shape) > cap:
-        raise DatasetError(f"{path}: the header declares shape {shape} ({math.prod(shape):,} voxels; at most "
-                           f"{cap:,} allowed); the file is damaged or forged (raise ISL_MAX_VOXELS for a real "
-                           "volume this large)")
-    return img
-
-
-def read_volume(path: str | Path, role: str) -> tuple[nib.Nifti1Image, np.ndarray]:
-    """``open_volume`` plus all voxels (scaled as the header says); a truncated or corrupt file fails here."""
-    img = open_volume(path, role)
-    try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as e:  # nibabel / gzip / zlib raise many types for corrupt files
-        raise DatasetError(f"{path}: unreadable {role} ({type(e).__name__}: {e}); "
-                           "re-export or re-download it") from None
-    return img, data
-
-
 def validate_case(case: Case, labels: dict[int, str]) -> None:
-    """Raise ``DatasetError`` naming the file if the case breaks the contract."""
-    img, data = read_volume(case.image, "image")
-    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
-        raise DatasetError(f"{case.image}: voxel type {data.dtype} is not a real number; save a scalar image")
-    if not np.isfinite(data).all():
-        n = int((~np.isfinite(data)).sum())
-        raise DatasetError(f"{case.image}: {n} NaN/inf voxels; replace them (e.g. with the air value) "
-                           "before using the image")
-    if case.label is None:
-        return
-    lab, values = read_volume(case.label, "label")
-    if lab.shape != img.shape:
-        raise DatasetError(f"{case.label}: label shape {lab.shape} differs from image shape {img.shape} "
-                           f"({case.image.name}); resample the label onto the image grid")
-    if not np.allclose(lab.affine, img.affine, atol=_AFFINE_ATOL_MM):
-        raise DatasetError(f"{case.label}: label affine differs from the image affine of {case.image.name}; "
-                           "the label must be saved in the image's geometry (same origin, spacing, direction)")
-    if not np.isfinite(values).all() or not np.all(np.equal(np.mod(values, 1), 0)):
-        raise DatasetError(f"{case.label}: label values must be integers; save the label map as an integer type")
-    unknown = sorted(set(np.unique(values).astype(int).tolist()) - set(labels))
-    if unknown:
-        raise DatasetError(f"{case.label}: label values {unknown} are not declared in dataset.json 'labels' "
-                           f"(declared: {sorted(labels)}); declare them or remap the label map")
+    """Raise ``DatasetError`` naming the file if the case breaks the contract (``validate.check_case_files``)."""
+    check_case_files(case.image, case.label, labels)
 
 
 def load_dataset(folder: str | Path, validate: bool = True, allow_outside: bool | None = None) -> Dataset:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from isl_core import outputs
 from isl_core.casework import BaselineJob, CaseJob, baseline_run, case_done, run_case
 from isl_core.runtime import UserError
 
@@ -125,7 +126,7 @@ def _submit(client: Client, units: list[tuple[BaselineJob, list[CaseJob]]], out:
         baseline = client.submit(baseline_run, base, key=f"baseline-{fold}-{run}", pure=False, retries=retries)
         for job in todo:
             if force:  # recompute: the finished mark goes first, so an interrupted rerun redoes the case
-                (out / "cases" / f"{job.case_id}.json").unlink(missing_ok=True)
+                outputs.remove(out / "cases" / f"{job.case_id}.json")
             job.threads = threads
             f = client.submit(run_case, job, baseline, key=f"case-{job.case_id}-{run}", pure=False, retries=retries)
             futures[f] = job.case_id

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from isl_core import outputs
 from isl_core.casework import LOOP_METHODS, BaselineJob, CaseJob, CaseRunner, baseline_run, case_done, run_case
 from isl_core.claims import claims as claims_of
 from isl_core.config import DEFAULT_METHODS, METHODS, Profile, get_profile
@@ -142,7 +143,7 @@ def _run_in_process(units, out: Path, force: bool, progress: bool,
             baseline_run(base)
         for job in todo:
             if force:  # recompute: the finished mark goes first, so an interrupted rerun redoes the case
-                (out / "cases" / f"{job.case_id}.json").unlink(missing_ok=True)
+                outputs.remove(out / "cases" / f"{job.case_id}.json")
             record = run_case(job)
             bar.update(1)
             if on_case is not None:
@@ -168,19 +169,21 @@ def run_experiment(dataset: str | Path, out: str | Path, settings: ExperimentSet
     if s.model and not (Path(s.model) / "model.pt").is_file():
         raise UserError(f"--model {s.model}: no model.pt there; give a run folder written by `isl train`")
     stamp = make_stamp(ds, profile, s.seed, s.model, s.folds, s.fold_seed)
-    out.mkdir(parents=True, exist_ok=True)
-    methods = _check_out(out, stamp, methods, s.force)
-    _check_cases(out, [c.id for f in plan for c in f.infer], stamp, s.force)
-    write_json(out / "experiment.json", {"stamp": stamp, "stamp_id": stamp_id(stamp), "methods": methods,
-                                         "dataset": str(ds.root)})
-    units = _jobs(ds, out, plan, s, profile, stamp, methods)
-    if s.workers or s.scheduler:
-        failed = run_on_cluster(units, out, workers=s.workers, scheduler=s.scheduler, device=s.device,
-                                retries=s.retries, force=s.force, progress=s.progress, on_case=on_case)
-    else:
-        failed = _run_in_process(units, out, s.force, s.progress, on_case)
-    # the summary covers every finished case of these settings, not only the ones this call was asked to run
-    return write_results(out, ds, methods, plan_folds(ds, s.folds, s.fold_seed), stamp, failed)
+    outputs.check_apart(out, ds.root)
+    # one run at a time, and only the kit's own files in the folder: a resumed run finds only what it wrote
+    with outputs.claim(out, "isl experiment"):
+        methods = _check_out(out, stamp, methods, s.force)
+        _check_cases(out, [c.id for f in plan for c in f.infer], stamp, s.force)
+        write_json(out / "experiment.json", {"stamp": stamp, "stamp_id": stamp_id(stamp), "methods": methods,
+                                             "dataset": str(ds.root)})
+        units = _jobs(ds, out, plan, s, profile, stamp, methods)
+        if s.workers or s.scheduler:
+            failed = run_on_cluster(units, out, workers=s.workers, scheduler=s.scheduler, device=s.device,
+                                    retries=s.retries, force=s.force, progress=s.progress, on_case=on_case)
+        else:
+            failed = _run_in_process(units, out, s.force, s.progress, on_case)
+        # the summary covers every finished case of these settings, not only the ones this call was asked to run
+        return write_results(out, ds, methods, plan_folds(ds, s.folds, s.fold_seed), stamp, failed)
 
 
 def _collect(out: Path, plan: list[Fold], sid: str) -> tuple[pd.DataFrame, dict[str, list[float]], list[str]]:
@@ -257,7 +260,7 @@ def _write_summary(out: Path, ds: Dataset, summary: dict[str, Any], per_case: pd
     if len(per_case):
         write_csv(per_case, out / "per_case.csv")
     else:
-        (out / "per_case.csv").unlink(missing_ok=True)
+        outputs.remove(out / "per_case.csv")
     write_json(out / "summary.json", summary)
     write_report(out, summary, per_case, ds)
     return summary

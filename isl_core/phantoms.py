@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from isl_core import outputs
 from isl_core.anatomy import HU_NATIVE, HU_VENOUS, VARIATIONS, ShiftSpec, Variation, random_affine, smooth_field
 from isl_core.config import BTCV_LABELS, SYNTH_COHORTS
 
@@ -201,32 +202,50 @@ def cohort_for_profile(profile: str, seed: int = 0) -> CohortSpec:
 def write_cohort(out: str | Path, spec: CohortSpec | None = None, force: bool = False) -> Path:
     """Write the cohort in the dataset contract; returns the folder. Deterministic given ``spec``.
 
-    A folder that already holds the same cohort (same spec) is left as it is; a folder holding anything
-    else is never overwritten unless ``force``. An interrupted run resumes: ``phantom_spec.partial.json`` (written
+    A folder that already holds the same cohort (same spec) is left as it is; one holding another cohort is
+    replaced only with ``force``, and one holding any file the kit did not write (``outputs.claim``) is refused,
+    with or without ``force``. An interrupted run resumes: ``phantom_spec.partial.json`` (written
     first) marks the folder as this cohort in progress, every case file is written atomically, cases whose files
     are all there are skipped (each case has its own random stream, so skipping changes no other case), and
-    ``phantom_spec.json`` is written last.
+    ``phantom_spec.json`` is written last; the hidden temporaries of a killed run are removed.
     """
-    from isl_core.data import write_dataset_json, write_nifti
-    from isl_core.runtime import DatasetError, atomic_path, read_json, write_json
+    from isl_core.runtime import DatasetError, read_json, write_json
 
     spec = spec or CohortSpec()
     out = Path(out).expanduser().resolve()
     stamp, partial = out / "phantom_spec.json", out / "phantom_spec.partial.json"
     if out.exists() and not out.is_dir():
         raise DatasetError(f"{out}: exists and is not a folder; give a folder path for the cohort")
-    doc = {"fingerprint": spec.fingerprint(), **asdict(spec)}
-    if not force and stamp.is_file() and (out / "dataset.json").is_file() \
-            and read_json(stamp, "cohort stamp").get("fingerprint") == spec.fingerprint():
-        return out
-    resuming = partial.is_file() and read_json(partial, "cohort stamp").get("fingerprint") == spec.fingerprint()
-    if out.exists() and any(out.iterdir()) and not force and not resuming:
-        what = ("an interrupted cohort of other settings (see phantom_spec.partial.json): rerun with those settings to "
-                "finish it, choose an empty folder," if partial.is_file() else
-                "not this synthetic cohort; choose an empty folder")
-        raise FileExistsError(f"{out}: folder exists and is {what} or pass --force to overwrite it")
-    stamp.unlink(missing_ok=True)  # a stale final stamp must not outlive the cohort it described
-    write_json(partial, doc)
+    # the claim refuses a folder holding anything the kit did not write (even with force) and removes the
+    # temporaries a killed run left; a folder of another cohort is the kit's, replaced only with force
+    with outputs.claim(out, "isl data synth"):
+        doc = {"fingerprint": spec.fingerprint(), **asdict(spec)}
+        if not force and stamp.is_file() and (out / "dataset.json").is_file() \
+                and read_json(stamp, "cohort stamp").get("fingerprint") == spec.fingerprint():
+            return out
+        resuming = partial.is_file() and read_json(partial, "cohort stamp").get("fingerprint") == spec.fingerprint()
+        if _kit_files(out) and not force and not resuming:
+            what = ("an interrupted cohort of other settings (see phantom_spec.partial.json): rerun with those "
+                    "settings to finish it, choose an empty folder," if partial.is_file() else
+                    "another synthetic cohort; choose an empty folder")
+            raise FileExistsError(f"{out}: folder exists and is {what} or pass --force to overwrite it")
+        outputs.remove(stamp)  # a stale final stamp must not outlive the cohort it described
+        write_json(partial, doc)
+        _write_cases(out, spec, resuming and not force)
+        write_json(stamp, doc)
+        outputs.remove(partial)
+    return out
+
+
+def _kit_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.is_file() and p.name != outputs.MANIFEST]
+
+
+def _write_cases(out: Path, spec: CohortSpec, resuming: bool) -> None:
+    """Every case of ``spec`` and ``dataset.json``; with ``resuming``, cases whose files are all there are kept."""
+    from isl_core.data import write_dataset_json, write_nifti
+    from isl_core.runtime import atomic_path
+
     rng_root = np.random.SeedSequence(spec.seed)
     entries: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
     plan = [("training", "train", spec.n_train, None), ("validation", "val", spec.n_val, spec.shift),
@@ -240,7 +259,7 @@ def write_cohort(out: str | Path, spec: CohortSpec | None = None, force: bool = 
             child = next(children)
             files = (out / img_dir / f"{cid}.nii.gz", out / lab_dir / f"{cid}.nii.gz", out / "deformations" /
                      f"{cid}.npz")
-            if not (resuming and not force and all(f.is_file() for f in files)):
+            if not (resuming and all(f.is_file() for f in files)):
                 subj = draw(np.random.default_rng(child), ShiftSpec.scaled(shift) if shift is not None else None)
                 write_nifti(np.round(subj["image"]).astype(np.int16), subj["affine"], files[0])
                 write_nifti(subj["label"], subj["affine"], files[1])
@@ -257,6 +276,3 @@ def write_cohort(out: str | Path, spec: CohortSpec | None = None, force: bool = 
                          "noise, blur, body size).",
                        licence="Apache-2.0 (derived from the TotalSegmentator sample CT)" if spec.anatomy == "sample"
                        else "CC0-1.0 (generated by isl-kit)", tensorImageSize="3D")
-    write_json(stamp, doc)
-    partial.unlink()
-    return out

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from isl_core import outputs
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -37,6 +39,23 @@ class DatasetError(UserError, ValueError):
 
 class DeviceError(UserError, RuntimeError):
     """The requested device is not available on this machine."""
+
+
+_TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """The environment variable ``name`` read as a switch: 1/0, true/false, yes/no, on/off in any case (unset or
+    empty: ``default``); any other word raises ``UserError`` rather than guessing what was meant."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() in _TRUE_WORDS:
+        return True
+    if raw.lower() in _FALSE_WORDS:
+        return False
+    raise UserError(f"environment variable {name}={raw!r}: not a switch; set it to one of "
+                    f"{'/'.join(_TRUE_WORDS)} or {'/'.join(_FALSE_WORDS)} (any case), or unset it")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -79,19 +98,24 @@ def _umask() -> int:
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yields a temporary path next to ``path``; renames it onto ``path`` only if the block succeeds.
 
-    A crash mid-write therefore never leaves a truncated result behind. The file gets the permissions an ordinary
+    A crash mid-write therefore never leaves a truncated result behind. Inside a claimed output folder
+    (``outputs.claim``) an existing ``path`` is replaced only if it is the kit's, and the new file is recorded in the
+    folder's manifest. The file gets the permissions an ordinary
     ``open()`` would give it (0666 minus the umask): ``mkstemp`` creates it private (0600), which would hide
     results from the other members of a shared project folder.
     """
     path = Path(path)
+    outputs.check_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or "".join(path.suffixes))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=outputs.temporary_prefix(path),
+                               suffix=suffix or "".join(path.suffixes))
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
+        outputs.record(path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -1,10 +1,12 @@
 """Stage 1: initial segmentation learning — the baseline segmenter f0, its training, prediction and checkpoints.
 
 The network is a MONAI 3D ``UNet`` or ``DynUNet`` sized by the profile. Training samples patches balanced on
-foreground (``RandCropByPosNegLabeld``), applies light augmentation, and optimises ``DiceCELoss`` with AdamW
-under a warm-up + cosine schedule, with gradient clipping and bf16 autocast on CUDA. A checkpoint holds
-only tensors and plain containers (``state_dict`` of net, optimiser and schedule, the step, the history),
-so it loads with ``torch.load(..., weights_only=True)``; ``config.json`` beside it rebuilds the network.
+foreground (``RandCropByPosNegLabeld`` in ``patches.PatchStream``), applies light augmentation, and optimises
+``DiceCELoss`` with AdamW under a warm-up + cosine schedule, with gradient clipping and bf16 autocast on CUDA. A
+checkpoint holds only tensors and plain containers (``state_dict`` of net, optimiser and schedule, the step, the
+history, the random state of the patch sampler and of the process), so a resumed training equals an uninterrupted
+one and the checkpoint loads with ``torch.load(..., weights_only=True)``; ``config.json`` beside it rebuilds the
+network.
 
 Stage 3 fine-tunes a copy of this network; it reuses ``loss_function``, ``train_step`` and ``predict_proba``.
 """
@@ -26,6 +28,7 @@ from torch import nn
 
 from isl_core.config import Profile, SegmentConfig
 from isl_core.data import Case, Dataset, load_cases
+from isl_core.patches import PatchStream, global_rng_state, set_global_rng_state
 from isl_core.runtime import DatasetError, UserError, atomic_path, differences, read_json, resolve_device, write_json
 
 CHECKPOINT = "checkpoint.pt"  # resumable training state, rewritten every `checkpoint_every` steps
@@ -94,48 +97,6 @@ def predict_proba(net: nn.Module, images: torch.Tensor, cfg: SegmentConfig, devi
     return torch.softmax(torch.as_tensor(logits).float(), dim=1)
 
 
-def _train_transform(cfg: SegmentConfig):
-    """Random patch sampling balanced on foreground plus light, laterality-preserving augmentation."""
-    from monai import transforms as mt
-
-    keys = ["image", "label"]
-    steps = [mt.RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=cfg.patch_size,
-                                       pos=cfg.pos_neg_ratio, neg=1.0, num_samples=cfg.num_samples,
-                                       allow_smaller=True),
-             mt.SpatialPadd(keys=keys, spatial_size=cfg.patch_size)]
-    # MONAI's transforms return MetaTensors; the network needs none of their metadata, so the batches are plain
-    # tensors like everything else past the data boundary (EnsureTyped draws no random number: same patches)
-    tail = [mt.EnsureTyped(keys=keys, track_meta=False)]
-    if cfg.augment:
-        # no flips: left and right organs (kidneys, adrenals) carry different labels
-        steps += [
-            mt.RandAffined(keys=keys, prob=0.3, rotate_range=(0.1, 0.1, 0.1), scale_range=(0.1, 0.1, 0.1),
-                           mode=("bilinear", "nearest"), padding_mode="zeros"),
-            mt.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            mt.RandShiftIntensityd(keys="image", offsets=0.05, prob=0.5),
-            mt.RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
-            mt.RandGaussianNoised(keys="image", std=0.02, prob=0.3),
-        ]
-    return mt.Compose(steps + tail)
-
-
-def _batches(cases: Sequence[dict[str, Any]], cfg: SegmentConfig, seed: int):
-    """An endless stream of (images, labels) batches of patches from preprocessed cases."""
-    from monai.data import DataLoader, Dataset
-
-    plain = [{"image": c["image"], "label": c["label"]} for c in cases]
-    ds = Dataset(plain, transform=_train_transform(cfg))
-    ds_transform = ds.transform
-    if hasattr(ds_transform, "set_random_state"):
-        ds_transform.set_random_state(seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    loader = DataLoader(ds, batch_size=min(cfg.batch_size, len(plain)), shuffle=True, num_workers=0,
-                        generator=gen, drop_last=False)
-    while True:
-        for batch in loader:
-            yield batch["image"], batch["label"]
-
-
 def _schedule(cfg: SegmentConfig, total_steps: int) -> Callable[[int], float]:
     """Learning-rate factor: linear warm-up from 1/W, then a cosine from 1 down to a 2 % floor.
 
@@ -179,13 +140,15 @@ class TrainState:
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    resumed_at: list[dict[str, Any]] = field(default_factory=list)  # {"step", "exact"} of every resume
 
 
-def _save_checkpoint(out: Path, net, opt, sched, state: TrainState) -> None:
+def _save_checkpoint(out: Path, net, opt, sched, state: TrainState, patches: PatchStream) -> None:
     with atomic_path(out / CHECKPOINT) as tmp:
         torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "step": state.step, "seconds": state.seconds,
-                    "history": json.dumps(state.history)}, tmp)
+                    "step": state.step, "seconds": state.seconds, "history": json.dumps(state.history),
+                    "resumed_at": list(state.resumed_at),
+                    "random": {"patches": patches.state(), "global": global_rng_state()}}, tmp)
 
 
 def _torch_load(path: Path, device: torch.device | str, what: str) -> Any:
@@ -212,14 +175,18 @@ def _load_state(module, state: Any, path: Path, what: str) -> None:
                            f"({str(e).splitlines()[0][:160]}); use the files of one run together") from None
 
 
-def _load_checkpoint(path: Path, net, opt, sched, device) -> TrainState:
-    ck = _torch_load(path, device, "training checkpoint")
+def _load_checkpoint(path: Path, net, opt, sched, device) -> tuple[TrainState, dict[str, Any] | None]:
+    """The training state of ``path`` (loaded into net, optimiser and schedule) and its random state (``None`` in
+    a checkpoint of an older kit, which did not save it)."""
+    ck = _torch_load(path, "cpu", "training checkpoint")
     if not isinstance(ck, dict) or not {"model", "optimizer", "scheduler", "step", "history"} <= set(ck):
         raise DatasetError(f"{path}: not an isl-kit training checkpoint (keys missing); remove it to restart")
     _load_state(net, ck["model"], path, "checkpoint")
     _load_state(opt, ck["optimizer"], path, "optimiser state")
     _load_state(sched, ck["scheduler"], path, "schedule state")
-    return TrainState(int(ck["step"]), json.loads(ck["history"]), float(ck.get("seconds", 0.0)))
+    state = TrainState(int(ck["step"]), json.loads(ck["history"]), float(ck.get("seconds", 0.0)),
+                       [dict(r) for r in ck.get("resumed_at", [])])
+    return state, ck.get("random")
 
 
 def write_config(out: Path, profile: Profile, num_classes: int, labels: dict[int, str], **extra: Any) -> None:
@@ -274,7 +241,8 @@ def train_segmenter(train_cases: Sequence[dict[str, Any]], profile: Profile, num
                     val_cases: Sequence[dict[str, Any]] = (), device: str | torch.device = "auto", seed: int = 0,
                     progress: bool = True, on_step: Callable[[int], None] | None = None,
                     dataset_fingerprint: str | None = None) -> tuple[nn.Module, TrainState]:
-    """Train the baseline segmenter on preprocessed cases; resumes from ``out/checkpoint.pt`` when present.
+    """Train the baseline segmenter on preprocessed cases; resumes from ``out/checkpoint.pt`` when present, to the
+    same weights as an uninterrupted run (the checkpoint holds the patch sampler's and the global random state).
 
     A run folder is bound to its settings: ``out/config.json`` records the profile, classes, seed and
     ``dataset_fingerprint`` (``data.dataset_fingerprint``), and a folder made with others is refused
@@ -298,10 +266,12 @@ def train_segmenter(train_cases: Sequence[dict[str, Any]], profile: Profile, num
         check_run_binding(out, profile, num_classes, seed, dataset_fingerprint)
         out.mkdir(parents=True, exist_ok=True)
         write_config(out, profile, num_classes, labels, seed=seed, dataset_fingerprint=dataset_fingerprint)
-        if (out / CHECKPOINT).is_file():
-            state = _load_checkpoint(out / CHECKPOINT, net, opt, sched, device)
+    batches = PatchStream(train_cases, cfg, seed)
+    if out is not None and (out / CHECKPOINT).is_file():
+        state, random_state = _load_checkpoint(out / CHECKPOINT, net, opt, sched, device)
+        _resume_random_state(batches, random_state, out / CHECKPOINT)
+        state.resumed_at.append({"step": state.step, "exact": random_state is not None})
     loss_fn = loss_function()
-    batches = _batches(train_cases, cfg, seed + state.step)  # a resumed run draws fresh patches
     bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train f0", disable=not progress, leave=False)
     t0 = time.perf_counter() - state.seconds
     while state.step < cfg.max_steps:
@@ -317,13 +287,14 @@ def train_segmenter(train_cases: Sequence[dict[str, Any]], profile: Profile, num
         bar.update(1)
         state.seconds = time.perf_counter() - t0
         if out is not None and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.max_steps):
-            _save_checkpoint(out, net, opt, sched, state)
+            _save_checkpoint(out, net, opt, sched, state, batches)
         if on_step is not None:
             on_step(state.step)
     bar.close()
     if out is not None:
         save_segmenter(net, out / MODEL)
-        write_json(out / "history.json", {"steps": state.step, "seconds": state.seconds, "history": state.history})
+        write_json(out / "history.json", {"steps": state.step, "seconds": state.seconds, "history": state.history,
+                                           "resumed_at": state.resumed_at})
     return net, state
 
 
@@ -342,6 +313,19 @@ def train_baseline(ds: Dataset, train: Sequence[Case], profile: Profile, out: st
     return train_segmenter(load_cases(train, profile.data, ds.modality), profile, ds.num_classes, ds.labels, out=out,
                            val_cases=load_cases(watched, profile.data, ds.modality), device=device, seed=seed,
                            progress=progress, dataset_fingerprint=dataset_fingerprint)
+
+
+def _resume_random_state(batches: PatchStream, random_state: dict[str, Any] | None, path: Path) -> None:
+    """Put the patch sampler and the global generators where the checkpoint left them. An older checkpoint without
+    them resumes with the sampler's fresh start (recorded in ``resumed_at`` as not exact)."""
+    if random_state is None:
+        return
+    try:
+        batches.restore(random_state["patches"])
+        set_global_rng_state(random_state["global"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise DatasetError(f"{path}: its random state does not fit this training run ({type(e).__name__}: "
+                           f"{str(e)[:120]}); remove it to restart the training") from None
 
 
 class RunFolderError(UserError, FileNotFoundError):

@@ -37,11 +37,13 @@ def tiny_run(tiny_cohort, tmp_path_factory):
     """A run folder as `isl train` writes it, trained for one step (its numbers do not matter)."""
     from isl_core.config import get_profile
     from isl_core.data import dataset_fingerprint, load_cases, load_dataset
+    from isl_core.outputs import claim
     from isl_core.segment import train_segmenter
 
     ds = load_dataset(tiny_cohort)
     profile = get_profile("ci", segment={"max_steps": 1})
     run = tmp_path_factory.mktemp("tiny") / "run"
-    train_segmenter(load_cases(ds.training, profile.data), profile, ds.num_classes, ds.labels, out=run,
-                    device="cpu", progress=False, dataset_fingerprint=dataset_fingerprint(ds))
+    with claim(run):  # as `isl train` does: the folder's manifest lists what was written
+        train_segmenter(load_cases(ds.training, profile.data), profile, ds.num_classes, ds.labels, out=run,
+                        device="cpu", progress=False, dataset_fingerprint=dataset_fingerprint(ds))
     return run

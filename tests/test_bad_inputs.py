@@ -28,6 +28,7 @@ from helpers import TINY_SIZE as TINY
 
 from isl_core import cli
 from isl_core.config import get_profile
+from isl_core.outputs import record_tree
 
 
 @dataclass
@@ -81,6 +82,27 @@ def _set_image(ws: Workspace, rel: str, array: np.ndarray) -> None:
     _nifti(path, array, nib.load(str(path)).affine)
 
 
+def _patch_srow(path: Path, row: int, values: list[float]) -> None:
+    """Overwrite row ``row`` of the sform (``srow_x/y/z``: bytes 280-327 of a NIfTI-1 header) of a .nii.gz, as a
+    damaged file may have it (nibabel itself refuses to save such an affine)."""
+    data = bytearray(gzip.decompress(path.read_bytes()))
+    data[280 + 16 * row: 296 + 16 * row] = np.array(values, dtype="<f4").tobytes()
+    path.write_bytes(gzip.compress(bytes(data)))
+
+
+def _float64_claiming(ws: Workspace, rel: str, shape: tuple[int, int, int]) -> None:
+    _set_image(ws, rel, np.zeros(TINY, np.float64))
+    _forged_header(ws.ds / rel, shape)
+
+
+def _user_file(ws: Workspace, name: str, copy_from: Path | None = None) -> None:
+    ws.out.mkdir()
+    if copy_from is None:
+        (ws.out / name).write_text("the user's own\n")
+    else:
+        shutil.copy2(copy_from, ws.out / name)
+
+
 def _empty_validation(ws: Workspace) -> None:
     _edit_json(ws.ds / "dataset.json", lambda d: d.update(validation=[]))
 
@@ -96,6 +118,7 @@ def _mismatched_model(ws: Workspace) -> None:
 def _stale_checkpoint(ws: Workspace) -> None:
     """An out folder that `isl train ... --profile ci` accepts as its own, with an empty checkpoint.pt."""
     from isl_core.data import dataset_fingerprint, load_dataset
+    from isl_core.outputs import record_tree
     from isl_core.segment import write_config
 
     ds = load_dataset(ws.ds)
@@ -103,6 +126,7 @@ def _stale_checkpoint(ws: Workspace) -> None:
     write_config(ws.out, get_profile("ci"), ds.num_classes, ds.labels, seed=0,
                  dataset_fingerprint=dataset_fingerprint(ds))
     (ws.out / "checkpoint.pt").write_bytes(b"")
+    record_tree(ws.out)  # as if the kit had written both
 
 
 # -------------------------------------------------------------------------------------------------- the probes
@@ -158,7 +182,7 @@ PROBES = [
     P("predict-other-network", "predict {run} {img} --out {out}", "{run}/model.pt", _mismatched_model),
     P("train-empty-checkpoint", "train {ds} --out {out} --profile ci", "{out}/checkpoint.pt", _stale_checkpoint),
     P("train-corrupt-config", "train {ds} --out {out}", "{out}/config.json",
-      lambda w: (w.out.mkdir(), (w.out / "config.json").write_text("{"))),
+      lambda w: (w.out.mkdir(), (w.out / "config.json").write_text("{"), record_tree(w.out))),
     P("reproduce-only-unknown", "reproduce --only 99 --out {out}", ["--only", "99"]),
     P("set-unknown-field", "experiment {ds} --out {out} --set refine.appearence=none", ["--set", "appearence"]),
     P("set-bad-value", "train {ds} --out {out} --set refine.appearance=mtach", ["--set", "mtach"]),
@@ -196,8 +220,8 @@ PROBES = [
       lambda w: _nifti(w.root / "flat.nii.gz", np.zeros((32, 32), np.float32))),
     P("predict-file-not-nifti", "predict {run} {root}/notes.nii.gz --out {out}", "notes.nii.gz",
       lambda w: (w.root / "notes.nii.gz").write_text("hello")),
-    P("predict-unstamped-folder", "predict {run} {img} --out {pred}", ["synth_val_000.nii.gz", "--force"],
-      out="{pred}"),
+    P("predict-unstamped-folder", "predict {run} {img} --out {pred}", ["synth_val_000.nii.gz", "did not write"],
+      out="{root}/none"),
     # evaluate
     P("evaluate-corrupt-prediction", "evaluate {pred} {ds} --out {out}", "{pred}/synth_val_000.nii.gz",
       lambda w: (w.pred / "synth_val_000.nii.gz").write_bytes(b"\x1f\x8b garbage")),
@@ -218,7 +242,7 @@ PROBES = [
     # output folders
     P("synth-out-is-a-file", "data synth {root}/file.txt --no-figure", "file.txt",
       lambda w: (w.root / "file.txt").write_text("mine"), out="{root}/none"),
-    P("synth-into-user-folder", "data synth {root}/mine --no-figure", ["mine", "--force"],
+    P("synth-into-user-folder", "data synth {root}/mine --no-figure --force", ["mine/notes.txt", "did not write"],
       lambda w: ((w.root / "mine").mkdir(), (w.root / "mine" / "notes.txt").write_text("mine")), out="{root}/none"),
     P("train-out-is-a-file", "train {ds} --out {root}/file.txt", ["--out", "file.txt"],
       lambda w: (w.root / "file.txt").write_text("mine"), out="{root}/none"),
@@ -226,6 +250,46 @@ PROBES = [
       lambda w: (w.root / "file.txt").write_text("mine"), out="{root}/none"),
     P("experiment-out-is-a-file", "experiment {ds} --out {root}/file.txt", ["--out", "file.txt"],
       lambda w: (w.root / "file.txt").write_text("mine"), out="{root}/none"),
+    # output folders hold only the kit's files: anything else is refused, naming it, before any work
+    P("predict-into-dataset-labels", "predict {run} {ds} --out {ds}/labelsTr --force",
+      ["{ds}/labelsTr", "inside the dataset folder"], out="{root}/none"),
+    P("predict-out-holds-dataset", "predict {run} {ds} --out {root}", ["--out {root}", "holds the dataset"],
+      out="{root}/none"),
+    P("experiment-into-dataset", "experiment {ds} --out {ds}/results --profile ci", ["{ds}/results", "dataset"],
+      out="{root}/none"),
+    P("evaluate-into-dataset", "evaluate {pred} {ds} --out {ds}", ["--out {ds}", "dataset"], out="{root}/none"),
+    P("train-over-user-file", "train {ds} --out {out} --profile ci", ["{out}/history.json", "did not write"],
+      lambda w: _user_file(w, "history.json"), out="{root}/none"),
+    P("experiment-over-user-file", "experiment {ds} --out {out} --profile ci --model {run}",
+      ["{out}/summary.json", "did not write"], lambda w: _user_file(w, "summary.json"), out="{root}/none"),
+    P("train-copied-model", "train {ds} --out {out} --profile ci", ["{out}/model.pt", "did not write"],
+      lambda w: _user_file(w, "model.pt", w.run / "model.pt"), out="{root}/none"),
+    P("evaluate-over-user-table", "evaluate {pred} {ds}", ["{pred}/per_case.csv", "did not write"],
+      lambda w: (w.pred / "per_case.csv").write_text("mine\n"), out="{root}/none"),
+    # each setting has one entry point, and every value is checked where it is set
+    P("beta-and-set-disagree", "experiment {ds} --out {out} --beta 0.5 --set refine.beta=0.7",
+      ["--beta 0.5", "refine.beta=0.7"]),
+    P("rounds-and-set-disagree", "experiment {ds} --out {out} --rounds 2 --set refine.rounds=3",
+      ["--rounds 2", "refine.rounds=3"]),
+    P("set-twice-disagree", "train {ds} --out {out} --set segment.lr=0.1 --set segment.lr=0.2", ["segment.lr"]),
+    P("set-spacing-two-numbers", "train {ds} --out {out} --set data.spacing=[8,8]", ["--set", "spacing", "3 items"]),
+    P("set-rounds-fraction", "experiment {ds} --out {out} --set refine.rounds=2.5", ["--set", "rounds", "integer"]),
+    P("set-spacing-text", "train {ds} --out {out} --set data.spacing=abc", ["--set", "spacing", "'abc'"]),
+    P("set-shape-zero", "train {ds} --out {out} --set data.shape=[0,0,0]", ["--set", "shape", ">= 1"]),
+    P("set-channels-empty", "train {ds} --out {out} --set segment.channels=[]", ["--set", "channels"]),
+    P("set-strides-do-not-fit", "train {ds} --out {out} --profile ci --set segment.strides=[2,2,2]",
+      ["--set", "strides"]),
+    # files that passed the first step's checks
+    P("labels-one-id-twice", "train {ds} --out {out}", ["{ds}/dataset.json", "'01'"],
+      lambda w: _edit_json(w.ds / "dataset.json", lambda d: d["labels"].update({"01": "another spleen"}))),
+    P("image-overflows-float32", "train {ds} --out {out}", ["imagesTr/synth_train_000.nii.gz", "overflow"],
+      lambda w: _set_image(w, "imagesTr/synth_train_000.nii.gz", np.full(TINY, 1000.0) * 1e37)),
+    P("affine-singular", "train {ds} --out {out}", ["imagesTr/synth_train_000.nii.gz", "singular"],
+      lambda w: _patch_srow(w.ds / "imagesTr" / "synth_train_000.nii.gz", 1, [0, 0, 0, -186])),
+    P("affine-nan", "train {ds} --out {out}", ["imagesTr/synth_train_000.nii.gz", "NaN"],
+      lambda w: _patch_srow(w.ds / "imagesTr" / "synth_train_000.nii.gz", 0, [np.nan, 0, 0, -186])),
+    P("header-too-many-bytes", "train {ds} --out {out}", ["imagesTr/synth_train_000.nii.gz", "bytes"],
+      lambda w: _float64_claiming(w, "imagesTr/synth_train_000.nii.gz", (810, 810, 810))),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import tarfile
 import tempfile
@@ -19,6 +20,7 @@ from data_download.dataset_folder import MARKER, out_lock, temp_prefix
 from data_download.errors import FetchError
 from data_download.fetch import FetchOptions, fetch
 from isl_core.cli import main as isl_main
+from isl_core.runtime import write_text
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_a_folder_the_kit_did_not_make_survives_force(server, hanseg_zip, tmp_pa
 def test_force_rebuilds_a_kit_folder_but_not_the_files_a_user_added_to_it(server, hanseg_zip, tmp_path, capsys):
     out = tmp_path / "hanseg"
     assert isl_main(fetch_args(out, server, hanseg_zip)) == 0
-    (out / "cohort.png").write_bytes(b"drawn by isl data show")  # the kit's own file: no obstacle
+    write_text(out / "cohort.png", "drawn by isl data show")  # the kit's own file (in its manifest): no obstacle
     (out / "imagesTr" / "my_notes.txt").write_text("mine\n")
     n = gets(server)
     assert isl_main(fetch_args(out, server, hanseg_zip, "--fold", "1", "--force")) == 2
@@ -120,11 +122,28 @@ def test_a_killed_runs_temporaries_are_removed_and_nothing_else(server, hanseg_z
     assert not (tmp_path / ".hanseg.lock").exists() and (out / MARKER).is_file()
 
 
+def test_a_case_the_user_added_to_a_fetched_folder_survives_fold_force(server, hanseg_zip, tmp_path, capsys):
+    """Listed in dataset.json is not enough to count as the kit's: only the manifest's files, unchanged, do."""
+    out = tmp_path / "hanseg"
+    assert isl_main(fetch_args(out, server, hanseg_zip)) == 0
+    mine = {out / "imagesTr" / "my_case.nii.gz": b"my image", out / "labelsTr" / "my_case.nii.gz": b"my label"}
+    for path, data in mine.items():
+        path.write_bytes(data)
+    doc = json.loads((out / "dataset.json").read_text())
+    doc["training"].append({"image": "imagesTr/my_case.nii.gz", "label": "labelsTr/my_case.nii.gz"})
+    (out / "dataset.json").write_text(json.dumps(doc))
+    before = snapshot(out)
+    assert isl_main(fetch_args(out, server, hanseg_zip, "--fold", "1", "--force")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "3 file(s)" in line and "dataset.json" in line  # the edited dataset.json counts as the user's too
+    assert snapshot(out) == before and no_temporaries(tmp_path, out)
+
+
 def test_a_second_fetch_into_the_same_out_is_refused_and_leaves_the_first_alone(server, hanseg_zip, tmp_path):
     out = tmp_path / "hanseg"
     with out_lock(out):  # a fetch into `out` running in another process holds this
         running = Path(tempfile.mkdtemp(dir=tmp_path, prefix=temp_prefix(out, "partial")))
-        with pytest.raises(FetchError, match=rf"another fetch into {out} is running"):
+        with pytest.raises(FetchError, match=rf"another fetch is writing into {out}"):
             fetch(FetchOptions("hanseg", out, url=server.url("HaN-Seg.zip"), sha256=fab.sha256_of(hanseg_zip),
                                folds=3))
         assert running.is_dir() and gets(server) == 0

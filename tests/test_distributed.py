@@ -15,6 +15,7 @@ import torch
 from helpers import TINY_METHODS, tiny_cohort, tiny_profile
 
 from isl_core.experiment import ExperimentSettings, run_experiment
+from isl_core.outputs import record_tree
 
 distributed = pytest.importorskip("distributed")
 
@@ -62,6 +63,7 @@ def test_a_worker_killed_mid_case_loses_nothing(in_process):
     out = root / "killed"
     for fold in (0, 1):  # the folds' baselines are done: this test is about the cases
         shutil.copytree(root / "in_process" / "folds" / str(fold), out / "folds" / str(fold))
+    record_tree(out)  # copies of the kit's own files: listed in the folder's manifest as the kit had written them
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                   silence_logs=50) as cluster, distributed.Client(cluster) as client:
         result: dict = {}

@@ -161,7 +161,7 @@ def test_set_options_change_the_profile_and_reach_the_experiment(tiny, tmp_path,
     args = build_parser().parse_args(["experiment", "ds", "--out", "o", "--profile", "ci", "--beta", "0.5",
                                       "--set", "refine.appearance=none", "--set", "data.spacing=[6,6,8]",
                                       "--set", "register.mask_grid=image"])
-    profile = commands.profile_from_args(args, refine={"beta": 0.5})
+    profile = commands.profile_from_args(args, {"--beta": ("refine", "beta", args.beta)})
     assert (profile.refine.appearance, profile.refine.beta, profile.register.mask_grid) == ("none", 0.5, "image")
     assert profile.data.spacing == (6, 6, 8) and profile.name == "ci"
     # the experiment gets the changed profile, which its settings stamp records (a rerun with others is refused)

@@ -53,15 +53,14 @@ def test_same_seed_same_cohort(tmp_path):
     assert not np.array_equal(nib.load(a / name).get_fdata(), nib.load(c / name).get_fdata())
 
 
-def test_existing_folder_is_never_overwritten(tmp_path):
+@pytest.mark.parametrize("force", [False, True])
+def test_existing_folder_is_never_overwritten(tmp_path, force):
+    from isl_core.outputs import OutputFolderError
+
     (tmp_path / "mine.txt").write_text("user data")
-    try:
-        write_cohort(tmp_path, CohortSpec(n_train=1, n_val=0, size=(24, 24, 16)))
-    except FileExistsError as e:
-        assert str(tmp_path) in str(e) and "--force" in str(e)
-    else:
-        raise AssertionError("an existing folder was overwritten")
-    assert (tmp_path / "mine.txt").read_text() == "user data"
+    with pytest.raises(OutputFolderError, match=f"{tmp_path / 'mine.txt'}: the kit did not write"):
+        write_cohort(tmp_path, CohortSpec(n_train=1, n_val=0, size=(24, 24, 16)), force=force)
+    assert (tmp_path / "mine.txt").read_text() == "user data" and sorted(tmp_path.iterdir()) == [tmp_path / "mine.txt"]
 
 
 def test_organs_lie_on_the_anatomical_side_of_the_ras_affine():

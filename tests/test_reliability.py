@@ -20,6 +20,7 @@ from isl_core import cli
 from isl_core.config import get_profile
 from isl_core.data import DatasetError, dataset_fingerprint, load_case, load_dataset
 from isl_core.evaluate import evaluate_predictions, organ_metrics
+from isl_core.runtime import write_json
 
 
 @pytest.fixture
@@ -170,15 +171,13 @@ def test_interrupted_synth_resumes_to_the_same_cohort(tmp_path, monkeypatch, cap
     assert not (part / "phantom_spec.partial.json").exists()
     # an interrupted cohort of other settings is not silently mixed with this one
     (part / "phantom_spec.json").unlink()
-    (part / "phantom_spec.partial.json").write_text(json.dumps({"fingerprint": "other"}))
+    write_json(part / "phantom_spec.partial.json", {"fingerprint": "other"})  # as a run of other settings wrote it
     assert cli.main([*argv[:2], str(part), *argv[3:]]) == 2
     assert "interrupted cohort of other settings" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ permissions, caps, paths
 def test_written_files_get_ordinary_permissions(tmp_path):
-    from isl_core.runtime import write_json
-
     old = os.umask(0o022)
     try:
         write_json(tmp_path / "x.json", {"a": 1})

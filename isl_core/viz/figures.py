@@ -234,7 +234,7 @@ def per_organ_figure(summary: dict, path: str | Path) -> None:
     ax.legend(fontsize=8, ncol=min(4, table.shape[1]))
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     ax.figure.tight_layout()
-    ax.figure.savefig(path, dpi=90)
+    _save(ax.figure, path)
     plt.close(ax.figure)
 
 
@@ -253,7 +253,7 @@ def paired_lines_figure(per_case, path: str | Path) -> None:
         ax.set_title(m, fontsize=9)
     axes[0, 0].set_ylabel("organ-averaged Dice per case")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -275,5 +275,5 @@ def overlay_figure(out: str | Path, ds, methods: Sequence[str], case_id: str, pa
         overlay(ax, image, lab, axis=2, index=z, title=title, num_classes=ds.num_classes, vmin=-175, vmax=250)
     organ_legend(fig, ds.labels, present=sorted(set(np.unique(truth).tolist()) - {0}))
     fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)

@@ -5,7 +5,6 @@ Colours come from one label colour table (``label_cmap``) so an organ has the sa
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from isl_core.config import BTCV_LABELS  # noqa: E402
+from isl_core.runtime import atomic_path, env_flag  # noqa: E402
 
 
 def label_cmap(num_classes: int = 14) -> ListedColormap:
@@ -112,9 +112,7 @@ def case_grid(rows: Sequence[tuple[str, np.ndarray, np.ndarray | None]], axis_sl
             for ax in axes[2 * c: 2 * c + 2]:
                 ax.set_aspect(_plane_aspect(row_spacing, axis))
     organ_legend(subfigs[-1], labels)
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=80)
+    _save(fig, path, dpi=80)
     return fig
 
 
@@ -159,7 +157,7 @@ def slice_viewer(image, labels=None, prediction=None, num_classes: int = 14, win
             overlay(a, image, lab, axis, index, name, num_classes, vmin=window[0], vmax=window[1])
         return fig
 
-    if os.environ.get(STATIC_VIEWER_ENV):
+    if env_flag(STATIC_VIEWER_ENV):
         fig = figure(2, image.shape[2] // 2)
         fig.suptitle("slice viewer (static in a headless run; interactive in JupyterLab)", fontsize=9)
         plt.show()
@@ -187,10 +185,11 @@ def slice_viewer(image, labels=None, prediction=None, num_classes: int = 14, win
     return box
 
 
-def _save(fig, path: str | Path | None):
+def _save(fig, path: str | Path | None, dpi: int = 90):
+    # through atomic_path: a figure is complete or absent, and recorded in its output folder's manifest
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=90)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format=Path(path).suffix.lstrip(".") or None)
     return fig
 
 
