@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from isl_core.config import DEFAULT_METHODS, METHODS, PROFILE_NAMES
-from isl_core.runtime import UserError
+from isl_core.runtime import UserError, configure_threads
 
 
 class UsageError(UserError):
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     try:
         args = build_parser().parse_args(argv)
+        configure_threads()  # once per process, before any tensor work
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("isl: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from isl_core.casework import BaselineJob, CaseJob, case_done, run_case, train_baseline
-from isl_core.runtime import UserError
+from isl_core.runtime import UserError, usable_cores
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -45,13 +45,6 @@ def _has_bokeh() -> bool:
     return importlib.util.find_spec("bokeh") is not None
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def local_layout(workers: int, device: str = "auto") -> tuple[int, list[str], int]:
     """(worker processes, the GPU each is pinned to (empty on a CPU machine), torch threads per worker)."""
     import torch
@@ -61,8 +54,8 @@ def local_layout(workers: int, device: str = "auto") -> tuple[int, list[str], in
         gpus = [g.strip() for g in visible.split(",")] if visible else [
             str(i) for i in range(torch.cuda.device_count())]
         n = min(workers, len(gpus))
-        return n, gpus[:n], max(1, _cores() // n)
-    return workers, [], max(1, _cores() // workers)
+        return n, gpus[:n], max(1, usable_cores() // n)
+    return workers, [], max(1, usable_cores() // workers)
 
 
 class PinWorker:
