@@ -10,7 +10,7 @@ of the machine does not always hit the same side). It reports the median time ra
 each method's mean-Dice change, prints them and writes ``bench/results/compare_<commit>_<profile>_<date>.json``::
 
     python bench/compare_commit.py 6f24a62                    # the acceptance check: quick profile (about 20 min)
-    python bench/compare_commit.py 6f24a62 --profile smoke    # the machinery in a minute
+    python bench/compare_commit.py 6f24a62 --profile smoke --synth "--n-train 3 --n-val 1"   # the machinery
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ def mean_dice(summary_path: Path) -> dict[str, float]:
     return {m: v["mean_dice"] for m, v in methods.items()}
 
 
-def compare(commit: str, profile: str, repeats: int, work: Path) -> dict[str, Any]:
+def compare(commit: str, profile: str, repeats: int, work: Path, synth_args: list[str]) -> dict[str, Any]:
     ref_root = work / "reference"
     ref_root.mkdir()
     full = export_commit(commit, ref_root)
     data = work / "demo"
     log = work / "isl.log"
-    isl(REPO, "data", "synth", str(data), "--no-figure", log=log)
+    isl(REPO, "data", "synth", str(data), "--no-figure", *synth_args, log=log)
     sides = {"reference": ref_root, "working tree": REPO}
     seconds: dict[str, list[float]] = {k: [] for k in sides}
     dice: dict[str, dict[str, float]] = {}
@@ -88,6 +88,7 @@ def compare(commit: str, profile: str, repeats: int, work: Path) -> dict[str, An
     ratios = [new / ref for ref, new in zip(seconds["reference"], seconds["working tree"])]
     return {
         "reference_commit": full, "working_tree": working_tree_state(), "profile": profile, "repeats": repeats,
+        "cohort": "isl data synth defaults" + (f" with {' '.join(synth_args)}" if synth_args else ""),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": _cpu_name(), "cores": len(os.sched_getaffinity(0)), "load_average_1min_end": os.getloadavg()[0],
         "seconds": seconds, "time_ratio_median": statistics.median(ratios), "time_ratios": ratios,
@@ -106,7 +107,7 @@ def _cpu_name() -> str:
 
 def report(r: dict[str, Any]) -> str:
     lines = [f"reference {r['reference_commit'][:10]} vs working tree {r['working_tree'][:10]}, "
-             f"profile {r['profile']}, {r['machine']} ({r['cores']} cores), {r['repeats']} repeat(s)",
+             f"profile {r['profile']}, {r['cohort']}, {r['machine']} ({r['cores']} cores), {r['repeats']} repeat(s)",
              "seconds: " + "; ".join(f"{k} {', '.join(f'{s:.1f}' for s in v)}" for k, v in r["seconds"].items()),
              f"time ratio (working tree / reference, median): {r['time_ratio_median']:.3f}",
              "mean Dice (reference -> working tree, change):"]
@@ -121,14 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("commit", help="the reference commit, e.g. 6f24a62")
     ap.add_argument("--profile", default="quick", help="isl experiment --profile (smoke for a fast check)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per side, alternating the order (default 1)")
+    ap.add_argument("--synth", default="", help="options for isl data synth, e.g. '--n-train 3 --n-val 1' for a "
+                    "machinery check (default: the demo cohort, which the acceptance figure is about)")
     ap.add_argument("--keep", type=Path, help="keep the runs' folders here instead of a temporary folder")
     args = ap.parse_args(argv)
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=False)
-        result = compare(args.commit, args.profile, args.repeats, args.keep)
+        result = compare(args.commit, args.profile, args.repeats, args.keep, args.synth.split())
     else:
         with tempfile.TemporaryDirectory(prefix="compare_commit_") as tmp:
-            result = compare(args.commit, args.profile, args.repeats, Path(tmp))
+            result = compare(args.commit, args.profile, args.repeats, Path(tmp), args.synth.split())
     day = datetime.date.today().isoformat()
     path = RESULTS / f"compare_{result['reference_commit'][:7]}_{args.profile}_{day}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
