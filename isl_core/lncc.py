@@ -49,8 +49,9 @@ def _prefix_sums(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``x.cumsum(dim)``, the same bits; an outer axis is summed in a copy where it is the innermost one.
 
     torch's CPU cumulative sum walks an outer axis with a large stride, several times slower than along the
-    innermost (contiguous) axis (README, "Speed"); a transposed copy plus the
-    fast sum costs less. Every line is summed in the same order either way, so the result does not change.
+    innermost (contiguous) axis; a transposed copy plus the fast sum costs less for the outermost spatial axis (for
+    the middle one the copy costs more than it saves; measured, README "Speed"). Every line is summed in the same
+    order either way, so the result does not change.
     """
     if x.is_cuda or dim >= x.ndim - 2 or x.shape[dim] < 3:
         return x.cumsum(dim)
@@ -152,8 +153,8 @@ class _NCCMap(torch.autograd.Function):
     """
 
     # Both passes write their stacked inputs of the box sum in place and update intermediates in place: the same
-    # operations in the same order as the formulas above (bit for bit, tests/test_register.py), with about half
-    # the full-size allocations and no concatenation copy. A registration calls this twice per iteration.
+    # operations in the same order as the formulas above (bit for bit, tests/test_register.py), with fewer
+    # full-size allocations and no concatenation copy. Both run once in every registration step.
     @staticmethod
     def forward(ctx, pred, t, t_sum, t_var, kernel_size: int, smooth_nr: float, smooth_dr: float):
         kv = float(kernel_size ** (pred.ndim - 2))
