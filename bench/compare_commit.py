@@ -76,11 +76,13 @@ def compare(commit: str, profile: str, repeats: int, work: Path, synth_args: lis
     isl(REPO, "data", "synth", str(data), "--no-figure", *synth_args, log=log)
     sides = {"reference": ref_root, "working tree": REPO}
     seconds: dict[str, list[float]] = {k: [] for k in sides}
+    load: dict[str, list[float]] = {k: [] for k in sides}  # 1-minute load average as each run starts: context
     dice: dict[str, dict[str, float]] = {}
     for rep in range(repeats):
         order = list(sides) if rep % 2 == 0 else list(sides)[::-1]
         for side in order:
             out = work / f"{side.replace(' ', '_')}_{rep}"
+            load[side].append(os.getloadavg()[0])
             seconds[side].append(isl(sides[side], "experiment", str(data), "--out", str(out), "--profile", profile,
                                      log=log))
             dice.setdefault(side, mean_dice(out / "summary.json"))
@@ -90,7 +92,7 @@ def compare(commit: str, profile: str, repeats: int, work: Path, synth_args: lis
         "reference_commit": full, "working_tree": working_tree_state(), "profile": profile, "repeats": repeats,
         "cohort": "isl data synth defaults" + (f" with {' '.join(synth_args)}" if synth_args else ""),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": _cpu_name(), "cores": len(os.sched_getaffinity(0)), "load_average_1min_end": os.getloadavg()[0],
+        "machine": _cpu_name(), "cores": len(os.sched_getaffinity(0)), "load_average_1min_at_start": load,
         "seconds": seconds, "time_ratio_median": statistics.median(ratios), "time_ratios": ratios,
         "mean_dice": dice,
         "mean_dice_change": {m: dice["working tree"][m] - dice["reference"][m] for m in dice["reference"]},
@@ -109,6 +111,8 @@ def report(r: dict[str, Any]) -> str:
     lines = [f"reference {r['reference_commit'][:10]} vs working tree {r['working_tree'][:10]}, "
              f"profile {r['profile']}, {r['cohort']}, {r['machine']} ({r['cores']} cores), {r['repeats']} repeat(s)",
              "seconds: " + "; ".join(f"{k} {', '.join(f'{s:.1f}' for s in v)}" for k, v in r["seconds"].items()),
+             "load average as each run started: " + "; ".join(
+                 f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in r["load_average_1min_at_start"].items()),
              f"time ratio (working tree / reference, median): {r['time_ratio_median']:.3f}",
              "mean Dice (reference -> working tree, change):"]
     for m, d in r["mean_dice_change"].items():
