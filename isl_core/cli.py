@@ -24,7 +24,7 @@ from data_download.errors import FetchError
 from isl_core import commands
 from isl_core.config import DEFAULT_METHODS, METHODS, PROFILE_NAMES, Setting, parse_setting
 from isl_core.outputs import OutputFolderError
-from isl_core.runtime import UserError, env_flag
+from isl_core.runtime import UserError, configure_threads, env_flag
 
 
 class UsageError(UserError):
@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         debug = debug or env_flag("ISL_DEBUG")
         args = build_parser().parse_args(argv)
+        configure_threads()  # once per process, before any tensor work
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         _close_progress_bars()

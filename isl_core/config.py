@@ -31,18 +31,9 @@ __all__ = [
 
 #: Method names understood by ``isl experiment`` (the paper's variants plus the kit's extensions).
 METHODS: tuple[str, ...] = (
-    "baseline",
-    "malf",
-    "isl-intensity",
-    "isl-mask",
-    "isl-mask-ema",
-    "isl-intensity-ema",
-    "isl-mask-ema-malf",
+    "baseline", "malf", "isl-intensity", "isl-mask", "isl-mask-ema", "isl-intensity-ema", "isl-mask-ema-malf",
     # control arms: what ISL's gain is made of, and the test-time adaptation a user would try first
-    "finetune-atlases",
-    "tent",
-    "pseudo-label",
-    "isl-intensity-matched",
+    "finetune-atlases", "tent", "pseudo-label", "isl-intensity-matched",
 )
 #: The methods run when ``--methods`` is not given.
 DEFAULT_METHODS: tuple[str, ...] = ("baseline", "malf", "isl-intensity", "isl-mask", "isl-mask-ema")

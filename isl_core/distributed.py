@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from isl_core import outputs
 from isl_core.casework import BaselineJob, CaseJob, baseline_run, case_done, run_case
-from isl_core.runtime import UserError
+from isl_core.runtime import UserError, usable_cores
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -44,13 +44,6 @@ def _has_bokeh() -> bool:
     return importlib.util.find_spec("bokeh") is not None
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def local_layout(workers: int, device: str = "auto") -> tuple[int, list[str], int]:
     """(worker processes, the GPU each is pinned to (empty on a CPU machine), torch threads per worker)."""
     import torch
@@ -60,8 +53,8 @@ def local_layout(workers: int, device: str = "auto") -> tuple[int, list[str], in
         gpus = [g.strip() for g in visible.split(",")] if visible else [
             str(i) for i in range(torch.cuda.device_count())]
         n = min(workers, len(gpus))
-        return n, gpus[:n], max(1, _cores() // n)
-    return workers, [], max(1, _cores() // workers)
+        return n, gpus[:n], max(1, usable_cores() // n)
+    return workers, [], max(1, usable_cores() // workers)
 
 
 class PinWorker:

@@ -278,9 +278,16 @@ def _run_seeds(dataset: str | Path, out: Path, s: ExperimentSettings,
     if marker.is_file() and "seeds" not in read_json(marker, "experiment settings"):
         raise UserError(f"{marker}: this folder holds an experiment run without --seeds; use another --out for the "
                         "runs over several seeds")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"seeds": seeds, "runs": [str(Path("seeds") / str(seed)) for seed in seeds]})
-    runs = {seed: run_experiment(dataset, out / "seeds" / str(seed),
+    ds = load_dataset(dataset)
+    outputs.check_apart(out, ds.root)
+    with outputs.claim(out, "isl experiment --seeds"):
+        return _seed_runs(ds, out, s, seeds, on_case)
+
+
+def _seed_runs(ds: Dataset, out: Path, s: ExperimentSettings, seeds: list[int],
+               on_case: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    write_json(out / "experiment.json", {"seeds": seeds, "runs": [str(Path("seeds") / str(seed)) for seed in seeds]})
+    runs = {seed: run_experiment(ds.root, out / "seeds" / str(seed),
                                  dataclasses.replace(s, seed=seed, seeds=None), on_case) for seed in seeds}
     tables = []
     for seed in seeds:
@@ -299,4 +306,4 @@ def _run_seeds(dataset: str | Path, out: Path, s: ExperimentSettings,
     failed = {f"seed {seed}: {case}": why for seed, r in runs.items()
               for case, why in r.get("failed_cases", {}).items()}
     stamp = {k: v for k, v in first["settings"].items() if k != "methods"}
-    return _write_summary(out, load_dataset(dataset), summary, per_case, {**stamp, "seed": seeds}, methods, failed)
+    return _write_summary(out, ds, summary, per_case, {**stamp, "seed": seeds}, methods, failed)

@@ -45,23 +45,46 @@ def variance_floor_for(kernel_size: int, spatial_dims: int = 3, var_floor: float
     return float(var_floor * kernel_size**spatial_dims)
 
 
+def _prefix_sums(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.cumsum(dim)``, the same bits; an outer axis is summed in a copy where it is the innermost one.
+
+    torch's CPU cumulative sum walks an outer axis with a large stride, several times slower than along the
+    innermost (contiguous) axis; a transposed copy plus the fast sum costs less for the outermost spatial axis (for
+    the middle one the copy costs more than it saves; measured, README "Speed"). Every line is summed in the same
+    order either way, so the result does not change.
+    """
+    if x.is_cuda or dim >= x.ndim - 2 or x.shape[dim] < 3:
+        return x.cumsum(dim)
+    return x.movedim(dim, -1).contiguous().cumsum(-1).movedim(-1, dim)
+
+
 def box_sum_cumsum(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """Window sums (zero padding) via prefix sums: ``out[i] = c[min(i + h, n - 1)] - c[i - h - 1]``.
 
-    ``c`` is the cumulative sum along the axis and ``c[j < 0] = 0``; written with slices instead of padding
-    the input, which saves a full copy per axis.
+    ``c`` is the cumulative sum along the axis and ``c[j < 0] = 0``. Written with slices instead of padding the
+    input, which saves a full copy per axis, and with the interior differences written straight into the result
+    (``out=``): one pass over the axis after the cumulative sum instead of a copy followed by an in-place
+    subtraction. The arithmetic, and so every bit of the result, is the same either way.
     """
     h = kernel_size // 2
     for dim in range(2, x.ndim):
         n = x.shape[dim]
-        c = x.cumsum(dim)
+        c = _prefix_sums(x, dim)
         out = torch.empty_like(c)
-        a = max(n - h, 0)  # positions whose window ends inside the axis
-        if a:
-            out.narrow(dim, 0, a).copy_(c.narrow(dim, h, a))
-        out.narrow(dim, a, n - a).copy_(c.narrow(dim, n - 1, 1).expand_as(out.narrow(dim, a, n - a)))
-        b = max(n - h - 1, 0)  # positions whose window starts after the first voxel
-        out.narrow(dim, n - b, b).sub_(c.narrow(dim, 0, b))
+        m = max(n - 2 * h - 1, 0)  # interior: the window lies inside the axis, c[i + h] - c[i - h - 1]
+        if m:
+            torch.sub(c.narrow(dim, 2 * h + 1, m), c.narrow(dim, 0, m), out=out.narrow(dim, h + 1, m))
+        head = min(h + 1, n)  # i <= h: the window starts at the first voxel, nothing to subtract
+        inside = min(head, max(n - h, 0))  # ... and ends inside the axis
+        if inside:
+            out.narrow(dim, 0, inside).copy_(c.narrow(dim, h, inside))
+        if head > inside:
+            out.narrow(dim, inside, head - inside).copy_(c.narrow(dim, n - 1, 1).expand_as(
+                out.narrow(dim, inside, head - inside)))
+        start = max(h + 1, n - h)  # the window ends past the last voxel: c[n - 1] - c[i - h - 1]
+        if start < n:
+            tail = out.narrow(dim, start, n - start)
+            torch.sub(c.narrow(dim, n - 1, 1).expand_as(tail), c.narrow(dim, start - h - 1, n - start), out=tail)
         x = out
     return x
 
@@ -129,16 +152,29 @@ class _NCCMap(torch.autograd.Function):
         dL/dp = t * box(A) + box((2 B S_p - A S_t) / K) - 2 p * box(B).
     """
 
+    # Both passes write their stacked inputs of the box sum in place and update intermediates in place: the same
+    # operations in the same order as the formulas above (bit for bit, tests/test_register.py), with fewer
+    # full-size allocations and no concatenation copy. Both run once in every registration step.
     @staticmethod
     def forward(ctx, pred, t, t_sum, t_var, kernel_size: int, smooth_nr: float, smooth_dr: float):
         kv = float(kernel_size ** (pred.ndim - 2))
         c = pred.shape[1]
-        tb = t.expand_as(pred)
-        p_sum, p2_sum, tp_sum = _box_sum(torch.cat([pred, pred * pred, pred * tb], dim=1), kernel_size).split(c, 1)
-        cross = tp_sum - p_sum * t_sum / kv
-        p_var_raw = p2_sum - p_sum * p_sum / kv
-        p_var = p_var_raw.clamp_min(smooth_dr)
-        ncc = (cross * cross + smooth_nr) / (t_var * p_var)
+        stack = pred.new_empty(pred.shape[0], 3 * c, *pred.shape[2:])
+        s_p, s_pp, s_tp = stack.split(c, 1)
+        s_p.copy_(pred)
+        torch.mul(pred, pred, out=s_pp)
+        torch.mul(pred, t.expand_as(pred), out=s_tp)
+        p_sum, p2_sum, tp_sum = _box_sum(stack, kernel_size).split(c, 1)
+        cross = torch.mul(p_sum, t_sum).div_(kv)
+        cross = torch.sub(tp_sum, cross, out=cross)  # S_tp - S_p S_t / K
+        p_var_raw = torch.mul(p_sum, p_sum).div_(kv)
+        p_var_raw = torch.sub(p2_sum, p_var_raw, out=p_var_raw)
+        den = torch.clamp_min(p_var_raw, smooth_dr, out=p2_sum)  # S_pp is not needed any more
+        den = torch.mul(t_var, den, out=den)
+        ncc = torch.mul(cross, cross)
+        if smooth_nr:
+            ncc.add_(smooth_nr)
+        ncc.div_(den)
         ctx.save_for_backward(pred, t, t_sum, t_var, p_sum, cross, p_var_raw)
         ctx.consts = (kernel_size, kv, smooth_nr, smooth_dr)
         return ncc
@@ -147,15 +183,22 @@ class _NCCMap(torch.autograd.Function):
     def backward(ctx, g):
         pred, t, t_sum, t_var, p_sum, cross, p_var_raw = ctx.saved_tensors
         kernel_size, kv, smooth_nr, smooth_dr = ctx.consts
-        p_var = p_var_raw.clamp_min(smooth_dr)
-        g_over = g / (t_var * p_var)
-        a = 2.0 * g_over * cross
-        # Where the variance is floored it is a constant, so that path carries no gradient.
-        b = torch.where(p_var_raw > smooth_dr, g_over * (cross * cross + smooth_nr) / p_var, 0.0)
         c = pred.shape[1]
-        box = _box_sum(torch.cat([a, (2.0 * b * p_sum - a * t_sum) / kv, b], dim=1), kernel_size)
-        box_a, box_s, box_b = box.split(c, 1)
-        return t.expand_as(pred) * box_a + box_s - 2.0 * pred * box_b, None, None, None, None, None, None
+        p_var = p_var_raw.clamp_min(smooth_dr)
+        g_over = torch.mul(t_var, p_var)
+        g_over = torch.div(g, g_over, out=g_over)
+        stack = pred.new_empty(pred.shape[0], 3 * c, *pred.shape[2:])
+        a, s, b = stack.split(c, 1)
+        torch.mul(g_over, 2.0, out=a).mul_(cross)  # A = 2 g cross / (tv pv)
+        torch.mul(cross, cross, out=b)
+        if smooth_nr:
+            b.add_(smooth_nr)
+        # B = g ncc / pv; where the variance is floored it is a constant, so that path carries no gradient
+        b.mul_(g_over).div_(p_var).masked_fill_((p_var_raw > smooth_dr).logical_not_(), 0.0)
+        torch.mul(b, 2.0, out=s).mul_(p_sum).sub_(torch.mul(a, t_sum)).div_(kv)  # (2 B S_p - A S_t) / K
+        box_a, box_s, box_b = _box_sum(stack, kernel_size).split(c, 1)
+        grad = torch.mul(t.expand_as(pred), box_a).add_(box_s)
+        return grad.sub_(box_b.mul_(2.0 * pred)), None, None, None, None, None, None
 
 
 class FastLNCC(torch.nn.Module):

@@ -78,6 +78,30 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise DeviceError(f"--device {device!r}: not a device name; use auto, cpu, cuda or cuda:N") from None
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or ``taskset``'s share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads once for the process and return the count in use.
+
+    torch's default is the machine's physical core count, which overcommits a process confined to fewer cores
+    (a container's CPU share, ``taskset``, a Dask worker's slice): threads then wait on each other at every
+    operator. The default here is :func:`usable_cores`; an ``OMP_NUM_THREADS`` the user set wins over both.
+    """
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS", "").strip():
+            return torch.get_num_threads()
+        threads = usable_cores()
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
 def seed_everything(seed: int) -> None:
     """Seeds python, numpy and torch through MONAI (deterministic algorithms stay off: they are slow)."""
     from monai.utils import set_determinism

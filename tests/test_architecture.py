@@ -16,8 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("isl_core", "data_download")
 MAX_LINES = 450
-# isl_core/data.py is 453 lines while its validation part moves into a module of its own; remove this once it has
-LINE_EXCEPTIONS = {"isl_core/data.py": 460}
+LINE_EXCEPTIONS: dict[str, int] = {}  # a module allowed past MAX_LINES for a while, with the reason beside it
 # a table row of docs/architecture.md: | `module` | N floor name | what it holds |
 ROW = re.compile(r"^\| `([\w/.]+)` \| (\d+) ([^|]+?) \| (.+) \|$", re.M)
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from monai.losses import BendingEnergyLoss, DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 
 from isl_core.config import RegisterConfig
-from isl_core.lncc import FastLNCC, box_sum_cumsum, box_sum_pool
+from isl_core.lncc import FastLNCC, _prefix_sums, box_sum_cumsum, box_sum_pool
 from isl_core.register import (
     Atlases,
     affine_coords,
@@ -267,6 +267,34 @@ def test_fast_lncc_2d_and_gradient():
     g_monai = torch.autograd.grad(monai(p, t.expand_as(p)), p)[0]
     g_ours = torch.autograd.grad(FastLNCC(3, 5, smooth_nr=1e-3, smooth_dr=0.05)(p, t), p)[0]
     torch.testing.assert_close(g_ours, g_monai, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 17, 8, 23), (1, 1, 3, 30, 4), (2, 2, 11, 13), (1, 1, 6, 2, 1)])
+def test_box_sums_equal_their_plain_references(shape):
+    """The fast paths of the window sums keep the plain computations' results: prefix sums bit for bit, window
+    sums to float rounding of a direct sum of shifted copies, on axes longer and shorter than the window."""
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape)))
+    for dim in range(2, x.ndim):
+        assert torch.equal(_prefix_sums(x, dim), x.cumsum(dim))
+    for kernel in (3, 5, 7):
+        h = kernel // 2
+        direct = x.double()
+        for dim in range(2, x.ndim):
+            n = direct.shape[dim]
+            zeros = direct.new_zeros(*direct.shape[:dim], h, *direct.shape[dim + 1:])
+            padded = torch.cat([zeros, direct, zeros], dim)
+            direct = sum(padded.narrow(dim, j, n) for j in range(kernel))
+        torch.testing.assert_close(box_sum_cumsum(x, kernel).double(), direct, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("smooth_nr", [0.0, 1e-3])
+def test_analytic_lncc_forward_is_the_plain_formula_bit_for_bit(smooth_nr):
+    gen = torch.Generator().manual_seed(3)
+    p, t = torch.rand(3, 1, 12, 9, 10, generator=gen), torch.rand(1, 1, 12, 9, 10, generator=gen)
+    p[..., :4, :, :] = 0.25  # flat windows: the variance floor is active there
+    lncc = FastLNCC(3, 5, smooth_nr=smooth_nr, smooth_dr=0.01)
+    stats = lncc.target_stats(t)
+    assert torch.equal(lncc.ncc(p, stats, analytic=True), lncc.ncc(p, stats, analytic=False))
 
 
 def test_jacobian_determinant_identity_and_affine():
