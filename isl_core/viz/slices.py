@@ -19,7 +19,6 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from isl_core.config import BTCV_LABELS  # noqa: E402
 
-
 # One colour per BTCV organ id. The hues are from Paul Tol's colour-blind-safe schemes and Okabe & Ito's palette
 # (https://personal.sron.nl/~pault/, https://jfly.uni-koeln.de/color/), assigned so that organs that touch in the
 # abdomen (and in the phantoms) stay far apart also for a deuteranope; tests/test_viz.py measures it with
