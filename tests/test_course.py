@@ -115,8 +115,12 @@ def executed_run(tmp_path_factory):
     from isl_core.reproduce import _index
 
     run = tmp_path_factory.mktemp("run")
+    # papermill's cell with the build machine's path, and a cell that prints it and writes to stderr
+    injected = nbformat.v4.new_code_cell(f'run_dir = "{run}"  # injected', metadata={"tags": ["injected-parameters"]})
+    prints = nbformat.v4.new_code_cell('import sys\nprint("results  " + run_dir + "/work/experiment")\n'
+                                       'print("warn" + "ing: stderr", file=sys.stderr)')
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# title"),
-                                         nbformat.v4.new_code_cell(STAND_IN)])
+                                         nbformat.v4.new_code_cell(STAND_IN), injected, prints])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     NotebookClient(nb, timeout=120, kernel_name="python3").execute()
     rows = []
@@ -144,6 +148,8 @@ def test_book_links_every_notebook_with_its_figures(executed_run, tmp_path):
         for src in srcs:
             assert src.startswith("data:image/") or (index.parent / page).parent.joinpath(src).resolve().is_file(), src
         assert "stand-in ran" in body
+        assert str(executed_run) not in body and "# injected" not in body and "warning: stderr" not in body, page
+        assert "results  out_dir/experiment" in body, f"{page}: the build's path is not shortened"
         secs = 10 + int(path.name[:2])  # the stand-in index.md gives notebook NN a run time of 10 + NN s
         assert re.search(rf"Executed for this book with the <code[^>]*><span[^>]*>ci</span></code> profile in "
                          rf"{secs} s", body), f"{page}: the profile and run time line is missing"

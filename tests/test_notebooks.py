@@ -150,7 +150,7 @@ def test_check_passes_on_the_solution_and_fails_on_the_stub(path, capsys):
     from isl_core import course, course_checks
 
     func, solution, check = _implement_it(path)
-    assert f"check_" in check and "# NBVAL_CHECK_OUTPUT" in check
+    assert "check_" in check and "# NBVAL_CHECK_OUTPUT" in check
     namespace = {"np": np}
     exec(compile(solution, f"{path.name}:solution", "exec"), namespace)  # the solution cell defines the function
     capsys.readouterr()
@@ -187,7 +187,7 @@ def test_pipeline_figure_in_notebooks_00_and_03():
 def test_glossary_defines_the_terms():
     text = (notebook.REPO / "docs" / "glossary.md").read_text()
     for term in ("HU", "Softmax", "One-hot", "Arg-max", "Cross-entropy", "Adam", "Patch", "HD95", "Dice", "Atlas",
-                 "Registration", "LNCC", "Moving average", "Domain shift", "ISL", "f0", "P", "M", "D\\*", "MALF",
+                 "Registration", "LNCC", "Moving average", "Domain shift", "ISL", "f0", "P", "M", r"D\\\*", "MALF",
                  "Folding", "Wilcoxon", "Holm", "Bootstrap", "Working grid", "Source geometry",
                  "Test-time adaptation"):
         assert re.search(rf"^\*\*{term}[\s.(,]", text, re.M), f"docs/glossary.md: {term} is not defined"
@@ -303,4 +303,9 @@ def test_book_builds_from_the_executed_notebooks(executed, tmp_path):
     html = index.read_text(encoding="utf-8")
     for path in NOTEBOOKS:
         assert f'href="notebooks/{path.stem}.html"' in html, f"index.html does not link {path.name}"
-        assert "<img" in (index.parent / "notebooks" / f"{path.stem}.html").read_text(encoding="utf-8"), path.name
+        page = (index.parent / "notebooks" / f"{path.stem}.html").read_text(encoding="utf-8")
+        assert "<img" in page, path.name
+        for machine_path in (str(executed["out"].resolve()), str(notebook.REPO.resolve()), str(Path.home())):
+            assert machine_path not in page, f"{path.stem}.html shows the build machine's path {machine_path}"
+        assert "injected-parameters" not in page, f"{path.stem}.html: papermill's injected cell is shown"
+        assert re.search(r'<img [^>]*alt="[^"]{40,}"', page), f"{path.stem}.html: a figure without alt text"
