@@ -225,6 +225,25 @@ def test_binder_installs_cpu_torch_and_the_kit():
     assert any(r.startswith("jupyter-book") and "<2" in r for r in extras["course"])
 
 
+def test_binder_defaults_to_the_smoke_profile_with_quick_one_parameter_away(monkeypatch):
+    import os
+    import subprocess
+
+    start = REPO / "binder" / "start"
+    assert start.stat().st_mode & 0o111, "binder/start must be executable"
+    show = ["python3", "-c", "import os; print(os.environ['ISL_PROFILE'])"]
+    env = {k: v for k, v in os.environ.items() if k != "ISL_PROFILE"}
+    assert subprocess.run([str(start), *show], env=env, capture_output=True, text=True).stdout.strip() == "smoke"
+    env["ISL_PROFILE"] = "quick"  # what a Binder user (or a later repo2docker layer) sets is kept
+    assert subprocess.run([str(start), *show], env=env, capture_output=True, text=True).stdout.strip() == "quick"
+    from isl_core import notebook
+
+    monkeypatch.setenv("ISL_PROFILE", "smoke")
+    monkeypatch.delenv("ISL_OUT_DIR", raising=False)
+    monkeypatch.delenv("ISL_DATA_DIR", raising=False)
+    assert notebook.resolve()[0] == "smoke" and notebook.resolve("quick")[0] == "quick"  # the parameter wins
+
+
 # ------------------------------------------------------------------------------------------ figures
 
 
