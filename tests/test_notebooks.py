@@ -295,6 +295,37 @@ def test_results_are_stated_from_the_run(executed):
 
 
 @pytest.mark.slow
+def test_nbval_checks_what_the_learner_reads(executed, tmp_path):
+    """`pytest --nbval-lax` on the seven notebooks at the smoke profile, in the results folder of the papermill run
+    above (the baseline, the experiment and the cached registrations are reused, not recomputed): every cell runs
+    without error, and the cells marked `# NBVAL_CHECK_OUTPUT` print what tests/nbval/reference_outputs.json holds,
+    up to tests/nbval/sanitize.cfg."""
+    import os
+    import subprocess
+    import sys
+
+    import nbformat
+    import nbval_support
+
+    refs = json.loads(nbval_support.REFERENCE.read_text(encoding="utf-8"))
+    for path in NOTEBOOKS:
+        nb = nbval_support.with_references(path, refs)
+        assert any(nbval_support.is_checked(c) for c in nb.cells), f"{path.name}: nbval checks no output"
+        nbformat.write(nb, tmp_path / path.name)
+    out = executed["out"]
+    env = {**os.environ, "ISL_PROFILE": "smoke", "ISL_OUT_DIR": str(out / "work"),
+           "ISL_DATA_DIR": str((out / "data").resolve())}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-sanitize-with",
+                           str(nbval_support.SANITIZE), "--nbval-cell-timeout", "1200", "-p", "no:cacheprovider",
+                           "-q", "--rootdir", str(tmp_path), *sorted(str(p) for p in tmp_path.glob("*.ipynb"))],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    print(f"\npytest --nbval-lax (smoke, shared results folder): {time.perf_counter() - t0:.0f} s")
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert re.search(r"\d+ passed", proc.stdout) and "failed" not in proc.stdout
+
+
+@pytest.mark.slow
 def test_book_builds_from_the_executed_notebooks(executed, tmp_path):
     """`make book` on the real notebooks: every page linked, each with its figures (no second execution)."""
     from isl_core.course import build_book
