@@ -94,6 +94,10 @@ def test_numbered_notebooks_have_solutions_and_their_student_copies_none(tmp_pat
             assert code, f"{src.name}: a solution cell that only repeats the notebook's own code"
             assert not any(line in text for line in code), f"{copy.name}: solution code left in the student copy"
         assert course.STUB_CODE in [c.source for c in student.cells]
+        checks = [c.source for c in cells if "check" in c.metadata.get("tags", [])]
+        assert len(checks) == 1, f"{src.name}: one check cell (the implement-it exercise)"
+        assert [c.source for c in student.cells if "check" in c.metadata.get("tags", [])] == checks, \
+            f"{copy.name}: the check cell must stay in the student copy"
 
 
 # ------------------------------------------------------------------------------------------ the book
