@@ -145,13 +145,16 @@ def test_check_passes_on_the_solution_and_fails_on_the_stub(path, capsys):
     """The check cell runs against the solution cell (it passes) and against the student copy's stub (it fails,
     saying what to write), both without executing the notebook."""
     import nbformat
-    import numpy as np
 
     from isl_core import course, course_checks
 
     func, solution, check = _implement_it(path)
     assert "check_" in check and "# NBVAL_CHECK_OUTPUT" in check
-    namespace = {"np": np}
+    cells = _load(path)["cells"]
+    imports = next(_source(c) for c in cells if c["cell_type"] == "code" and "from isl_core import notebook" in
+                   _source(c)).replace("notebook.print_config()", "")
+    namespace = {}
+    exec(compile(imports, f"{path.name}:imports", "exec"), namespace)  # the solution sees the notebook's imports
     exec(compile(solution, f"{path.name}:solution", "exec"), namespace)  # the solution cell defines the function
     capsys.readouterr()
     exec(compile(check, f"{path.name}:check", "exec"), namespace)
@@ -162,7 +165,7 @@ def test_check_passes_on_the_solution_and_fails_on_the_stub(path, capsys):
     [j] = [i for i, c in enumerate(student.cells) if "check" in c.metadata.get("tags", [])]
     stub = student.cells[j - 1].source
     assert stub == course.STUB_CODE, f"{path.name}: the cell before the check is not the stub"
-    namespace = {"np": np}
+    namespace = {}
     exec(stub, namespace)
     with pytest.raises(course_checks.CheckFailed, match=rf"`{func}` is not defined yet: write `def {func}\("):
         exec(compile(check, f"{path.name}:check", "exec"), namespace)
