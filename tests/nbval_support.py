@@ -32,7 +32,11 @@ def _printed(outputs) -> list[dict]:
     kept = []
     for out in outputs:
         if out.get("output_type") == "stream":
-            kept.append({"output_type": "stream", "name": out["name"], "text": "".join(out["text"])})
+            text = "".join(out["text"])
+            if kept and kept[-1]["output_type"] == "stream" and kept[-1]["name"] == out["name"]:
+                kept[-1]["text"] += text  # one print can arrive in pieces; nbval joins them too
+            else:
+                kept.append({"output_type": "stream", "name": out["name"], "text": text})
         elif out.get("output_type") in ("execute_result", "display_data"):
             kept.append({"output_type": out["output_type"], "metadata": {},
                          "data": {k: v for k, v in out["data"].items() if k.startswith("text/")},
