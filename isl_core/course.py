@@ -5,7 +5,9 @@
 * ``build_book(run, out)``: a static HTML site at ``OUT/html/index.html`` from notebooks *already executed* by
   ``isl reproduce --out RUN`` (the book builder executes nothing: ``execute_notebooks: "off"``), with the
   README's figures, the glossary (``docs/glossary.md`` when present), the pipeline diagram drawn by
-  ``viz.pipeline_figure``, the citation and each notebook's run time from ``RUN/index.json``.
+  ``viz.pipeline_figure``, the citation and each notebook's run time from ``RUN/index.json``. The pages show the
+  learner's notebook: papermill's injected-parameters cell and stderr are left out, and the build machine's
+  absolute paths are shortened (``out_dir``, ``.``, ``~``).
 
 Command line (what ``make student`` and ``make book`` call)::
 
@@ -136,11 +138,42 @@ def _readme_figures() -> list[tuple[str, Path]]:
     return shown + others
 
 
-def _executed_copy(src: Path, target: Path, profile: str, seconds: float) -> None:
-    """The executed notebook with one line under its title: the profile and run time of this build."""
+BUILD_ONLY_TAGS = ("injected-parameters",)  # papermill's cell: the build machine's parameters, absolute paths
+
+
+def learner_outputs(nb, paths: dict[str, str]):
+    """``nb`` as a learner's page: cells only the build needs (papermill's injected parameters) removed, stderr
+    (warnings naming installed files) dropped, and every absolute path in ``paths`` replaced by its short name."""
+    def clean(text):
+        text = "".join(text) if isinstance(text, list) else text
+        for long, short in sorted(paths.items(), key=lambda kv: -len(kv[0])):  # the longest (innermost) first
+            text = text.replace(long, short)
+        return text
+
+    nb.cells = [c for c in nb.cells if not set(BUILD_ONLY_TAGS) & set(c.get("metadata", {}).get("tags", []))]
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+        for out in cell.outputs:
+            if "text" in out:
+                out["text"] = clean(out["text"])
+            for mime in [m for m in out.get("data", {}) if m.startswith("text/")]:
+                out["data"][mime] = clean(out["data"][mime])
+    return nb
+
+
+def _build_paths(run: Path) -> dict[str, str]:
+    """Absolute paths of the build machine and what the book shows instead."""
+    run = run.resolve()
+    return {str(run / "work"): "out_dir", str(run): "run", str(REPO.resolve()): ".", str(Path.home()): "~"}
+
+
+def _executed_copy(src: Path, target: Path, profile: str, seconds: float, paths: dict[str, str]) -> None:
+    """The executed notebook as a learner's page, with one line under its title: the profile and run time."""
     import nbformat
 
-    nb = nbformat.read(src, as_version=4)
+    nb = learner_outputs(nbformat.read(src, as_version=4), paths)
     note = nbformat.v4.new_markdown_cell(f"*Executed for this book with the `{profile}` profile in {seconds:.0f} s "
                                          "(every notebook's time: [Run times](../runtimes.md)).*")
     nb.cells.insert(1, note)
@@ -161,7 +194,7 @@ def assemble_book(run: str | Path, src: str | Path) -> Path:
         shutil.copy2(BOOK_SOURCES / name, src / name)
     (src / "notebooks").mkdir()
     for path in executed:
-        _executed_copy(path, src / "notebooks" / path.name, profile, times[path.name][1])
+        _executed_copy(path, src / "notebooks" / path.name, profile, times[path.name][1], _build_paths(run))
     figures = src / "figures"
     figures.mkdir()
     import matplotlib.pyplot as plt

@@ -94,6 +94,10 @@ def test_numbered_notebooks_have_solutions_and_their_student_copies_none(tmp_pat
             assert code, f"{src.name}: a solution cell that only repeats the notebook's own code"
             assert not any(line in text for line in code), f"{copy.name}: solution code left in the student copy"
         assert course.STUB_CODE in [c.source for c in student.cells]
+        checks = [c.source for c in cells if "check" in c.metadata.get("tags", [])]
+        assert len(checks) == 1, f"{src.name}: one check cell (the implement-it exercise)"
+        assert [c.source for c in student.cells if "check" in c.metadata.get("tags", [])] == checks, \
+            f"{copy.name}: the check cell must stay in the student copy"
 
 
 # ------------------------------------------------------------------------------------------ the book
@@ -115,8 +119,12 @@ def executed_run(tmp_path_factory):
     from isl_core.reproduce import _index
 
     run = tmp_path_factory.mktemp("run")
+    # papermill's cell with the build machine's path, and a cell that prints it and writes to stderr
+    injected = nbformat.v4.new_code_cell(f'run_dir = "{run}"  # injected', metadata={"tags": ["injected-parameters"]})
+    prints = nbformat.v4.new_code_cell('import sys\nprint("results  " + run_dir + "/work/experiment")\n'
+                                       'print("warn" + "ing: stderr", file=sys.stderr)')
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# title"),
-                                         nbformat.v4.new_code_cell(STAND_IN)])
+                                         nbformat.v4.new_code_cell(STAND_IN), injected, prints])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     NotebookClient(nb, timeout=120, kernel_name="python3").execute()
     rows = []
@@ -152,6 +160,8 @@ def test_book_links_every_notebook_with_its_figures(executed_run, tmp_path):
         for src in srcs:
             assert src.startswith("data:image/") or (index.parent / page).parent.joinpath(src).resolve().is_file(), src
         assert "stand-in ran" in body
+        assert str(executed_run) not in body and "# injected" not in body and "warning: stderr" not in body, page
+        assert "results  out_dir/experiment" in body, f"{page}: the build's path is not shortened"
         secs = 10 + int(path.name[:2])  # the stand-in index.md gives notebook NN a run time of 10 + NN s
         assert re.search(rf"Executed for this book with the <code[^>]*><span[^>]*>ci</span></code> profile in "
                          rf"{secs} s", body), f"{page}: the profile and run time line is missing"
@@ -225,6 +235,25 @@ def test_binder_installs_cpu_torch_and_the_kit():
     assert re.search(r'pip install .*-c constraints\.txt -e "\.\[notebooks\]"', post.read_text())
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(r.startswith("jupyter-book") and "<2" in r for r in extras["course"])
+
+
+def test_binder_defaults_to_the_smoke_profile_with_quick_one_parameter_away(monkeypatch):
+    import os
+    import subprocess
+
+    start = REPO / "binder" / "start"
+    assert start.stat().st_mode & 0o111, "binder/start must be executable"
+    show = ["python3", "-c", "import os; print(os.environ['ISL_PROFILE'])"]
+    env = {k: v for k, v in os.environ.items() if k != "ISL_PROFILE"}
+    assert subprocess.run([str(start), *show], env=env, capture_output=True, text=True).stdout.strip() == "smoke"
+    env["ISL_PROFILE"] = "quick"  # what a Binder user (or a later repo2docker layer) sets is kept
+    assert subprocess.run([str(start), *show], env=env, capture_output=True, text=True).stdout.strip() == "quick"
+    from isl_core import notebook
+
+    monkeypatch.setenv("ISL_PROFILE", "smoke")
+    monkeypatch.delenv("ISL_OUT_DIR", raising=False)
+    monkeypatch.delenv("ISL_DATA_DIR", raising=False)
+    assert notebook.resolve()[0] == "smoke" and notebook.resolve("quick")[0] == "quick"  # the parameter wins
 
 
 # ------------------------------------------------------------------------------------------ figures

@@ -68,6 +68,8 @@ def test_opening(path):
     assert "Medical Physics" in first and "Inference-specific learning" in first
     assert "What you will learn" in first
     assert re.search(r"\*\*Run time:\*\* about \d+ s at the `quick` profile on 2 CPU cores", first), first
+    assert re.search(r"\*\*Time to work through:\*\* about \d+ min", first), f"{path.name}: the learner's time"
+    assert "**You should know:**" in first, f"{path.name}: the prerequisites"
     code = [c for c in cells if c["cell_type"] == "code"]
     install = _source(code[0])
     assert "import isl_core" in install and "except ImportError" in install and "ISL_KIT_SOURCE" in install, \
@@ -104,26 +106,94 @@ def test_parameters_and_setup(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_exercises_with_solutions(path):
+def test_exercises_ask_before_they_tell(path):
+    """Every exercise asks for a prediction; what to expect is said only in the cells tagged `solution`."""
     cells = _load(path)["cells"]
     heads = [i for i, c in enumerate(cells) if c["cell_type"] == "markdown" and
              re.search(r"^## Exercises\s*$", _source(c), re.M)]
     assert len(heads) == 1, f"{path.name}: one '## Exercises' section"
-    items = re.findall(r"^\d+\. \*\*", _source(cells[heads[0]]), re.M)
-    assert 2 <= len(items) <= 4, f"{path.name}: 2-4 exercises, found {len(items)}"
-    assert "Expect" in _source(cells[heads[0]]) or "expect" in _source(cells[heads[0]])
+    prompt = _source(cells[heads[0]])
+    items = re.split(r"^\d+\. \*\*", prompt, flags=re.M)[1:]
+    assert 3 <= len(items) <= 4, f"{path.name}: 3-4 exercises, found {len(items)}"
+    assert all("*Predict first:*" in item for item in items), f"{path.name}: an exercise that does not ask to predict"
+    assert items[-1].startswith("Implement it:"), f"{path.name}: the last exercise is the implement-it one"
     after = cells[heads[0]:]
+    shown = "\n".join(_source(c) for c in after if "solution" not in _tags(c))
+    assert not re.search(r"\bexpect", shown, re.I), f"{path.name}: an expected result stated outside a solution cell"
     solutions = [c for c in after if "solution" in _tags(c)]
-    assert len(solutions) >= len(items), f"{path.name}: every exercise needs a solution cell tagged 'solution'"
-    assert all(c["cell_type"] == "code" for c in solutions)
+    code = [c for c in solutions if c["cell_type"] == "code"]
+    why = [c for c in solutions if c["cell_type"] == "markdown"]
+    assert len(code) == len(items) == len(why), f"{path.name}: each exercise needs a solution and its explanation"
+    assert all(_source(c).startswith("**What to expect and why.**") for c in why)
     assert not any("solution" in _tags(c) for c in cells[:heads[0]]), "solutions belong in the Exercises section"
+    printed = [c for c in code[:-1] if "print(" in _source(c)]
+    assert len(printed) == len(code) - 1, f"{path.name}: a solution that does not say in words what it found"
+
+
+def _implement_it(path: Path) -> tuple[str, str, str]:
+    """(function name, solution code, check code) of a notebook's implement-it exercise."""
+    cells = _load(path)["cells"]
+    [j] = [i for i, c in enumerate(cells) if "check" in _tags(c)]
+    check = _source(cells[j])
+    func = re.search(r'globals\(\)\.get\("(\w+)"\)', check).group(1)
+    solution = next(_source(c) for c in reversed(cells[:j]) if c["cell_type"] == "code" and "solution" in _tags(c))
+    return func, solution, check
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_check_passes_on_the_solution_and_fails_on_the_stub(path, capsys):
+    """The check cell runs against the solution cell (it passes) and against the student copy's stub (it fails,
+    saying what to write), both without executing the notebook."""
+    import nbformat
+
+    from isl_core import course, course_checks
+
+    func, solution, check = _implement_it(path)
+    assert "check_" in check and "# NBVAL_CHECK_OUTPUT" in check
+    cells = _load(path)["cells"]
+    imports = next(_source(c) for c in cells if c["cell_type"] == "code" and "from isl_core import notebook" in
+                   _source(c)).replace("notebook.print_config()", "")
+    namespace = {}
+    exec(compile(imports, f"{path.name}:imports", "exec"), namespace)  # the solution sees the notebook's imports
+    exec(compile(solution, f"{path.name}:solution", "exec"), namespace)  # the solution cell defines the function
+    capsys.readouterr()
+    exec(compile(check, f"{path.name}:check", "exec"), namespace)
+    assert capsys.readouterr().out.startswith("correct: ")
+    assert course_checks.CHECKS[path.name[:2]].__name__ in check, f"{path.name}: the check of another notebook"
+
+    student = course.student_notebook(nbformat.read(path, as_version=4))
+    [j] = [i for i, c in enumerate(student.cells) if "check" in c.metadata.get("tags", [])]
+    stub = student.cells[j - 1].source
+    assert stub == course.STUB_CODE, f"{path.name}: the cell before the check is not the stub"
+    namespace = {}
+    exec(stub, namespace)
+    with pytest.raises(course_checks.CheckFailed, match=rf"`{func}` is not defined yet: write `def {func}\("):
+        exec(compile(check, f"{path.name}:check", "exec"), namespace)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_figure_has_alt_text(path):
+    """Each cell that draws (a figure or the viewer) carries alt text in its metadata, which the book puts on the
+    image (myst-nb's `mystnb.image.alt`)."""
+    for i, cell in enumerate(_load(path)["cells"]):
+        src = _source(cell)
+        if cell["cell_type"] == "code" and ("plt.show()" in src or "slice_viewer(" in src):
+            alt = cell["metadata"].get("mystnb", {}).get("image", {}).get("alt", "")
+            assert len(alt) > 40, f"{path.name} cell {i}: a figure without alt text (metadata mystnb.image.alt)"
+
+
+def test_pipeline_figure_in_notebooks_00_and_03():
+    for path in (NOTEBOOKS[0], NOTEBOOKS[3]):
+        assert "fig = pipeline_figure()" in "".join(_source(c) for c in _load(path)["cells"]), path.name
 
 
 def test_glossary_defines_the_terms():
     text = (notebook.REPO / "docs" / "glossary.md").read_text()
     for term in ("HU", "Softmax", "One-hot", "Arg-max", "Cross-entropy", "Adam", "Patch", "HD95", "Dice", "Atlas",
-                 "Registration", "LNCC", "Moving average", "Domain shift"):
-        assert re.search(rf"^\*\*{re.escape(term)}\b", text, re.M), f"docs/glossary.md: {term} is not defined"
+                 "Registration", "LNCC", "Moving average", "Domain shift", "ISL", "f0", "P", "M", r"D\\\*", "MALF",
+                 "Folding", "Wilcoxon", "Holm", "Bootstrap", "Working grid", "Source geometry",
+                 "Test-time adaptation"):
+        assert re.search(rf"^\*\*{term}[\s.(,]", text, re.M), f"docs/glossary.md: {term} is not defined"
 
 
 # ------------------------------------------------------------------------------------------ set-up resolution
@@ -180,9 +250,11 @@ def test_every_notebook_runs_with_its_solutions(executed):
     assert all(status.strip() == "ok" for _, status, _ in rows), index
     for path in NOTEBOOKS:
         cells = _load(out / "notebooks" / path.name)["cells"]
-        solutions = [c for c in cells if "solution" in _tags(c)]
+        solutions = [c for c in cells if "solution" in _tags(c) and c["cell_type"] == "code"]
         assert solutions and all(c["execution_count"] is not None and c["outputs"] for c in solutions), \
             f"{path.name}: a solution cell did not run or printed nothing"
+        [check] = [c for c in cells if "check" in _tags(c)]
+        assert _stdout([check]).startswith("correct: "), f"{path.name}: the check failed on the solution"
 
 
 @pytest.mark.slow
@@ -226,6 +298,37 @@ def test_results_are_stated_from_the_run(executed):
 
 
 @pytest.mark.slow
+def test_nbval_checks_what_the_learner_reads(executed, tmp_path):
+    """`pytest --nbval-lax` on the seven notebooks at the smoke profile, in the results folder of the papermill run
+    above (the baseline, the experiment and the cached registrations are reused, not recomputed): every cell runs
+    without error, and the cells marked `# NBVAL_CHECK_OUTPUT` print what tests/nbval/reference_outputs.json holds,
+    up to tests/nbval/sanitize.cfg."""
+    import os
+    import subprocess
+    import sys
+
+    import nbformat
+    import nbval_support
+
+    refs = json.loads(nbval_support.REFERENCE.read_text(encoding="utf-8"))
+    for path in NOTEBOOKS:
+        nb = nbval_support.with_references(path, refs)
+        assert any(nbval_support.is_checked(c) for c in nb.cells), f"{path.name}: nbval checks no output"
+        nbformat.write(nb, tmp_path / path.name)
+    out = executed["out"]
+    env = {**os.environ, "ISL_PROFILE": "smoke", "ISL_OUT_DIR": str(out / "work"),
+           "ISL_DATA_DIR": str((out / "data").resolve())}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-sanitize-with",
+                           str(nbval_support.SANITIZE), "--nbval-cell-timeout", "1200", "-p", "no:cacheprovider",
+                           "-q", "--rootdir", str(tmp_path), *sorted(str(p) for p in tmp_path.glob("*.ipynb"))],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    print(f"\npytest --nbval-lax (smoke, shared results folder): {time.perf_counter() - t0:.0f} s")
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert re.search(r"\d+ passed", proc.stdout) and "failed" not in proc.stdout
+
+
+@pytest.mark.slow
 def test_book_builds_from_the_executed_notebooks(executed, tmp_path):
     """`make book` on the real notebooks: every page linked, each with its figures (no second execution)."""
     from isl_core.course import build_book
@@ -234,4 +337,9 @@ def test_book_builds_from_the_executed_notebooks(executed, tmp_path):
     html = index.read_text(encoding="utf-8")
     for path in NOTEBOOKS:
         assert f'href="notebooks/{path.stem}.html"' in html, f"index.html does not link {path.name}"
-        assert "<img" in (index.parent / "notebooks" / f"{path.stem}.html").read_text(encoding="utf-8"), path.name
+        page = (index.parent / "notebooks" / f"{path.stem}.html").read_text(encoding="utf-8")
+        assert "<img" in page, path.name
+        for machine_path in (str(executed["out"].resolve()), str(notebook.REPO.resolve()), str(Path.home())):
+            assert machine_path not in page, f"{path.stem}.html shows the build machine's path {machine_path}"
+        assert "injected-parameters" not in page, f"{path.stem}.html: papermill's injected cell is shown"
+        assert re.search(r'<img [^>]*alt="[^"]{40,}"', page), f"{path.stem}.html: a figure without alt text"

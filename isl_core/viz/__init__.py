@@ -19,19 +19,21 @@ from isl_core.viz.figures import (
     probability_figure,
 )
 from isl_core.viz.slices import (
+    ORGAN_COLOURS,
     best_slice,
     case_grid,
     cohort_figure,
     display_slice,
     label_cmap,
+    label_colour,
     organ_legend,
     overlay,
     slice_viewer,
 )
 
 __all__ = [
-    "appearance_figure", "best_slice", "case_grid", "cohort_figure", "curves_figure", "display_slice", "field_panel",
-    "jacobian_panel", "label_cmap", "label_row_figure", "organ_dice_figure", "organ_legend", "overlay",
-    "overlay_figure", "paired_figure", "paired_lines_figure", "per_organ_figure", "pipeline_figure",
-    "probability_figure", "slice_viewer",
+    "ORGAN_COLOURS", "appearance_figure", "best_slice", "case_grid", "cohort_figure", "curves_figure", "display_slice",
+    "field_panel", "jacobian_panel", "label_cmap", "label_colour", "label_row_figure", "organ_dice_figure",
+    "organ_legend", "overlay", "overlay_figure", "paired_figure", "paired_lines_figure", "per_organ_figure",
+    "pipeline_figure", "probability_figure", "slice_viewer",
 ]

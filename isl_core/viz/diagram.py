@@ -1,4 +1,4 @@
-"""The method's pipeline diagram, drawn by the kit itself (the book's and the notebooks' diagram)."""
+"""The method's pipeline diagram, drawn by the kit itself (shown by the book's front page and notebooks 00 and 03)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from isl_core.viz.slices import _save  # noqa: E402
 
-# The method at a glance, drawn by the kit itself (the book's and the notebooks' diagram). Boxes and arrows are
+# The method at a glance (the book's front page, notebooks 00 and 03). Boxes and arrows are
 # placed by hand in axes coordinates: matplotlib has no graph layout, and a fixed layout keeps the figure stable.
 
 _STAGE_COLOURS = {"input": "#eeeeee", "stage1": "#dbe9f6", "stage2": "#fde4c8", "stage3": "#d9f0d3",

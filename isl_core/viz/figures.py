@@ -223,19 +223,12 @@ def label_row_figure(image, layers: Sequence[tuple[str, np.ndarray | None]], axi
 
 
 def per_organ_figure(summary: dict, path: str | Path) -> None:
-    """Grouped bars: each organ's mean Dice under each method of an experiment's ``summary.json``."""
+    """The report's grouped bars: each organ's mean Dice under each method of an experiment's ``summary.json``
+    (``organ_dice_figure``: its legend stands beside the axes, where it hides no bar)."""
     import pandas as pd
 
     table = pd.DataFrame({m: s["per_organ_dice"] for m, s in summary["methods"].items()})
-    ax = table.plot.bar(figsize=(max(8, 0.8 * len(table)), 4), width=0.8)
-    ax.set_ylabel("mean Dice")
-    ax.set_ylim(0, 1)
-    ax.set_title("Per-organ Dice by method")
-    ax.legend(fontsize=8, ncol=min(4, table.shape[1]))
-    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
-    ax.figure.tight_layout()
-    _save(ax.figure, path)
-    plt.close(ax.figure)
+    plt.close(organ_dice_figure(table, title="Per-organ Dice by method", ylabel="mean Dice", path=path))
 
 
 def paired_lines_figure(per_case, path: str | Path) -> None:

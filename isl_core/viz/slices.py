@@ -19,14 +19,43 @@ from matplotlib.patches import Patch  # noqa: E402
 from isl_core.config import BTCV_LABELS  # noqa: E402
 from isl_core.runtime import atomic_path, env_flag  # noqa: E402
 
+# One colour per BTCV organ id. The hues are from Paul Tol's colour-blind-safe schemes and Okabe & Ito's palette
+# (https://personal.sron.nl/~pault/, https://jfly.uni-koeln.de/color/), assigned so that organs that touch in the
+# abdomen (and in the phantoms) stay far apart also for a deuteranope; tests/test_viz.py measures it with
+# colorspacious (CAM02-UCS distances after a simulated deuteranopia). The name is what the notebooks' text uses.
+ORGAN_COLOURS: dict[int, tuple[str, str]] = {
+    1: ("#332288", "indigo"),  # spleen
+    2: ("#228833", "green"),  # right kidney
+    3: ("#AA4499", "purple"),  # left kidney
+    4: ("#44AA99", "teal"),  # gallbladder
+    5: ("#999933", "olive"),  # esophagus
+    6: ("#0072B2", "blue"),  # liver
+    7: ("#99DDFF", "light blue"),  # stomach
+    8: ("#882255", "wine"),  # aorta
+    9: ("#CC79A7", "pink"),  # inferior vena cava
+    10: ("#FFAABB", "light pink"),  # portal and splenic vein
+    11: ("#D55E00", "vermilion"),  # pancreas
+    12: ("#E69F00", "orange"),  # right adrenal gland
+    13: ("#F0E442", "yellow"),  # left adrenal gland
+}
+LABEL_ALPHA = 0.55  # the overlay's opacity over the grey image
+
+
+def label_colour(k: int) -> tuple[float, float, float, float]:
+    """RGBA of label id ``k`` (opaque): the organ palette for 1-13, tab20 beyond (other datasets' extra labels)."""
+    from matplotlib.colors import to_rgba
+
+    if k in ORGAN_COLOURS:
+        return to_rgba(ORGAN_COLOURS[k][0])
+    return tuple(plt.get_cmap("tab20")((k - 1) % 20))
+
 
 def label_cmap(num_classes: int = 14) -> ListedColormap:
-    """Background transparent, organs from tab20 (stable per label id)."""
-    colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    """Background transparent, every organ its ``label_colour`` (stable per label id) at ``LABEL_ALPHA``."""
     table = np.zeros((max(num_classes, 2), 4))
     for k in range(1, max(num_classes, 2)):
-        table[k] = colours[(k - 1) % 20]
-        table[k, 3] = 0.55
+        table[k] = label_colour(k)
+        table[k, 3] = LABEL_ALPHA
     return ListedColormap(table)
 
 
