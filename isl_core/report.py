@@ -46,7 +46,9 @@ def organ_table(summary: dict[str, Any]) -> pd.DataFrame:
 
 
 def _interval(c: dict[str, Any], key: str) -> str:
-    lo, hi = (c.get(key) or [None, None])[:2]
+    if not c.get(key):  # no folds, no interval over folds
+        return "n/a"
+    lo, hi = c[key][:2]
     return f"[{_fmt(lo)}, {_fmt(hi)}]"
 
 
