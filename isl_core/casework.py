@@ -34,7 +34,8 @@ from isl_core.segment import MODEL, load_segmenter, predict_proba, train_baselin
 from isl_core.sharing import adapt_variants
 
 #: Every method that runs the ISL loop (isl_core.refine), as the loop's choices. "mask" stands for the profile's
-#: ``register.supervision_mask``; an unset ``ema`` or ``beta`` is the profile's. Add an arm here and nowhere else.
+#: ``register.supervision_mask`` (CaseRunner substitutes it); an unset ``ema`` or ``beta`` is the profile's. A new arm
+#: is a line here and its name in ``config.METHODS`` (the names a command line accepts, checked before any work).
 LOOP_METHODS: dict[str, Variant] = {
     "isl-intensity": Variant("intensity", ema=False),
     "isl-intensity-ema": Variant("intensity", ema=True),

@@ -91,6 +91,9 @@ def _check_out(out: Path, stamp: dict[str, Any], methods: list[str], force: bool
     path = out / "experiment.json"
     if path.is_file():
         old = read_json(path, "experiment settings")
+        if "seeds" in old:
+            raise UserError(f"{path}: this folder holds a run over several seeds (--seeds); rerun with --seeds "
+                            f"{len(old['seeds'])} to resume it, or use another --out")
         if not force and "stamp" not in old:
             raise UserError(f"{path}: this folder holds an experiment of an older isl-kit without a settings stamp; "
                             "use another --out, or --force to recompute every case")
@@ -299,10 +302,8 @@ def _seed_runs(ds: Dataset, out: Path, s: ExperimentSettings, seeds: list[int],
     methods = list(first["methods"])
     seconds = {m: float(np.nanmean([r["methods"][m]["seconds_per_case"] for r in runs.values()])) for m in methods}
     summary = _summary(per_case, methods, seconds)
-    if "protocol" in first:
-        summary["protocol"] = {**first["protocol"], "seeds": seeds}
-    else:
-        summary["protocol"] = {"seeds": seeds}
+    n_cases = int(per_case["case"].nunique()) if len(per_case) else 0
+    summary["protocol"] = {**first.get("protocol", {}), "n_cases": n_cases, "seeds": seeds}
     failed = {f"seed {seed}: {case}": why for seed, r in runs.items()
               for case, why in r.get("failed_cases", {}).items()}
     stamp = {k: v for k, v in first["settings"].items() if k != "methods"}

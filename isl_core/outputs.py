@@ -40,17 +40,20 @@ class OutputFolderError(Exception):
 
 
 # ------------------------------------------------------------------------------------------- the temporaries
+_TEMP = ".isl-tmp."  # the kit's own mark: a user's hidden file never looks like one of its temporaries
+
+
 def temporary_prefix(path: Path) -> str:
     """Name prefix of the temporary ``runtime.atomic_path`` writes before renaming it onto ``path``."""
-    return f".{path.name}."
+    return f"{_TEMP}{path.name}."
 
 
 def is_temporary(path: Path) -> bool:
-    """Whether ``path`` is named like a temporary of ``atomic_path``: ``.NAME.XXXXXXXX`` + a suffix of NAME."""
+    """Whether ``path`` is named like a temporary of ``atomic_path``: ``.isl-tmp.NAME.XXXXXXXX`` + a suffix of NAME."""
     name = path.name
-    if not name.startswith("."):
+    if not name.startswith(_TEMP):
         return False
-    body = name[1:]
+    body = name[len(_TEMP):]
     for m in _TEMP_TAG.finditer(body):
         target, rest = body[: m.start()], body[m.start() + 9:]
         if target and target.endswith(rest):
@@ -249,7 +252,8 @@ def claim(out: Path, what: str = "command", only: Iterable[Path] | None = None) 
     with lock(out, what):
         out.mkdir(parents=True, exist_ok=True)
         if only is None:
-            remove_stale_temporaries(out)
+            if (out / MANIFEST).is_file():  # a folder the kit has claimed before: its killed runs' leftovers
+                remove_stale_temporaries(out)
             foreign = foreign_files(out)
             if foreign:
                 raise _refusal(foreign[0], manifest_root(foreign[0]))

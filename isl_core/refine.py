@@ -207,22 +207,23 @@ def isl_rounds(profile: Profile, variant: Variant, probs0: torch.Tensor, seconds
     result = ISLResult(probs0=probs0.clone(), final_probs=probs0, mask_updates=[mask.clone()] if keep_history else [],
                        seconds={"inference": seconds0, "registration": 0.0, "finetune": 0.0})
     reused = {"intensity": intensity_registration} if intensity_registration is not None else {}
-    charged: set[int] = set()  # registrations already in this variant's seconds (a reused one costs once)
+    charged: set[str] = set()  # reused alignments already in this variant's seconds (each costs once)
     previous, network, probs = None, None, probs0
 
     for r in range(1, cfg.rounds + 1):
         target = mask
         # Stage 2: deform every atlas onto x* (alignment that ignores M is computed once and reused)
-        reg = None
+        reg, fresh = None, False
         if v.target == "atlases":
             ask = _registration_request(profile, v, r, mask, previous)
             if ask.target is None and ask.warm_from is None:  # follows nothing that changes: one for every round
                 fixed = "none" if ask.config is None else ask.config.supervision
                 if fixed not in reused:
                     reused[fixed] = yield ask
-                reg = reused[fixed]
+                reg, fresh = reused[fixed], fixed not in charged
+                charged.add(fixed)
             else:
-                reg = yield ask
+                reg, fresh = (yield ask), True
             previous = reg
         # Stage 3: fine-tune, then fold every new P into M
         run, network = yield FinetuneRequest(network, v.target, reg, mask if _reads_mask(profile, v) else None, marks)
@@ -232,9 +233,9 @@ def isl_rounds(profile: Profile, variant: Variant, probs0: torch.Tensor, seconds
                 result.mask_updates.append(mask.clone())
         probs = run.probs_at[max(run.probs_at)]
 
-        seconds = {"registration": 0.0 if reg is None or id(reg) in charged else reg.seconds, **run.seconds}
-        if reg is not None:
-            charged.add(id(reg))
+        # each variant is charged the predictions it asked for, not those a shared run made for another variant
+        seconds = {"registration": reg.seconds if fresh else 0.0, "finetune": run.seconds["finetune"],
+                   "inference": sum(t for k, t in run.predict_seconds.items() if k in marks)}
         for k, value in seconds.items():
             result.seconds[k] += value
         kept = run.trained_on if keep_atlases else (None, None)

@@ -13,7 +13,8 @@ answers equal requests once. Two requests are equal when everything the answer d
 A shared run predicts P at the union of the steps its variants ask for (predicting does not change the network),
 and each loop folds its own M from the steps it asked for. This module holds only that bookkeeping; the results
 equal what :func:`~isl_core.refine.adapt` computes for each variant alone (``tests/test_sharing.py``), and every
-variant's ``seconds`` charges it the whole of the work it used, shared or not.
+variant's ``seconds`` charges it the whole of the work it used, shared or not (of a shared run's predictions, the
+ones it asked for).
 """
 
 from __future__ import annotations

@@ -74,10 +74,12 @@ def test_stale_temporaries_are_removed_and_look_alikes_kept(tmp_path):
     out = tmp_path / "out"
     with outputs.claim(out):
         write_text(out / "a.nii.gz", "x")
-    stale = [out / ".a.nii.gz.k2j4_9zq.nii.gz", out / ".per_case.csv.abcdefgh.csv", out / ".model.pt.0123abcd.pt"]
+    stale = [out / ".isl-tmp.a.nii.gz.k2j4_9zq.nii.gz", out / ".isl-tmp.per_case.csv.abcdefgh.csv",
+             out / ".isl-tmp.model.pt.0123abcd.pt"]
     for p in stale:
         p.write_bytes(b"half")
-    kept = [out / ".a.nii.gz.short.nii.gz", out / ".notes", out / "a.nii.gz.abcdefgh.nii.gz"]
+    kept = [out / ".isl-tmp.a.nii.gz.short.nii.gz", out / ".notes", out / "a.nii.gz.abcdefgh.nii.gz",
+            out / ".notes.20250101", out / ".a.nii.gz.k2j4_9zq.nii.gz"]
     for p in kept:
         p.write_bytes(b"mine")
     assert all(outputs.is_temporary(p) for p in stale) and not any(outputs.is_temporary(p) for p in kept)
@@ -97,7 +99,7 @@ def test_a_resumed_synth_removes_the_temporary_its_killed_run_left(tmp_path, cap
     outputs.remove(ds / "phantom_spec.json")
     image = ds / "imagesTr" / "synth_train_001.nii.gz"
     outputs.remove(image)
-    stale = image.parent / ".synth_train_001.nii.gz.q1w2e3r4.nii.gz"
+    stale = image.parent / ".isl-tmp.synth_train_001.nii.gz.q1w2e3r4.nii.gz"
     stale.write_bytes(b"\x1f\x8b truncated")
     rc, _, err = _run(argv, capsys)
     assert rc == 0, err

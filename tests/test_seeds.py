@@ -64,6 +64,13 @@ def test_a_rerun_resumes_to_the_same_summary(seeded):
     assert again["methods"] == summary["methods"] and again["claims"] == summary["claims"]
 
 
+def test_a_run_without_seeds_refuses_a_folder_of_several(seeded):
+    data, out, settings, _ = seeded
+    with pytest.raises(UserError, match="several seeds"):
+        run_experiment(data, out, ExperimentSettings(profile=settings.profile, methods=ALL_ARMS, device="cpu",
+                                                     seed=3, folds=2, force=True, progress=False))
+
+
 def test_seeds_refuse_a_folder_of_a_single_seed_run(tmp_path):
     (tmp_path / "experiment.json").write_text(json.dumps({"stamp": {}, "methods": []}))
     with pytest.raises(UserError, match="without --seeds"):
