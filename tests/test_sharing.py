@@ -86,3 +86,14 @@ def test_history_can_be_dropped_without_changing_the_result():
     torch.testing.assert_close(kept["v"].final_probs, lean["v"].final_probs)
 
 
+
+
+def test_each_variant_is_charged_only_the_predictions_it_asked_for(monkeypatch):
+    # a clock that advances one second per reading: every prediction of a fine-tuning run then takes exactly 1 s
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(finetune.time, "perf_counter", lambda: float(next(ticks)))
+    p, net0, x, atlases, variants = _tiny_real_setup()
+    both = {k: variants[k] for k in ("intensity", "intensity-ema")}  # one shared run per round, P at steps 2 and 4
+    together = sharing.adapt_variants(net0, x, atlases, p, C, both, device="cpu", seed=3)
+    assert [r.seconds["inference"] for r in together["intensity"].rounds] == [1.0, 1.0]  # M <- P after step 4
+    assert [r.seconds["inference"] for r in together["intensity-ema"].rounds] == [2.0, 2.0]  # updates at 2 and 4
