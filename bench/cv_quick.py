@@ -39,6 +39,16 @@ def _baseline_seconds(out: Path) -> float:
     return sum(float(json.loads(h.read_text())["seconds"]) for h in out.glob("folds/*/baseline/history.json"))
 
 
+def _seconds_per_seed(out: Path, start: float) -> dict[str, float] | None:
+    """With --seeds: the wall-clock of each seed's whole experiment (baselines included), from the times its
+    summary.json was written (the seeds run one after another)."""
+    done = sorted((p.stat().st_mtime, p.parent.name) for p in out.glob("seeds/*/summary.json"))
+    if not done:
+        return None
+    ends = [start] + [t for t, _ in done]
+    return {seed: round(ends[i + 1] - ends[i], 1) for i, (_, seed) in enumerate(done)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="a dataset folder with 24 labelled cases (made if missing)")
@@ -56,7 +66,7 @@ def main() -> None:
     load_before = os.getloadavg()
     cmd = [sys.executable, "-m", "isl_core.cli", "experiment", str(data), "--out", str(out), "--profile", "quick",
            "--folds", str(args.folds), "--device", "cpu", *args.extra]
-    t0 = time.perf_counter()
+    t0, start = time.perf_counter(), time.time()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
     summary = json.loads((out / "summary.json").read_text())
@@ -70,6 +80,7 @@ def main() -> None:
         "n_cases": n, "folds": args.folds, "wall_s": round(wall, 1), "baselines_s": round(baselines, 1),
         "cases_s_per_case": round((wall - baselines) / max(n, 1), 1),
         "goal_s": 1800,
+        "seconds_per_seed": _seconds_per_seed(out, start),
         "mean_dice": {m: round(v["mean_dice"], 4) for m, v in summary["methods"].items()},
         "claims": {c: {k: v[k] for k in ("delta", "p_holm", "verdict")}
                    for c, v in summary.get("claims", {}).items() if isinstance(v, dict) and "verdict" in v},

@@ -25,15 +25,16 @@ from typing import Any, Literal
 from data_download.labels import BTCV_LABELS
 
 __all__ = [
-    "BTCV_LABELS", "METHODS", "DEFAULT_METHODS", "DataConfig", "SegmentConfig", "RegisterConfig", "FusionConfig",
-    "RefineConfig", "Profile", "PROFILE_NAMES", "get_profile", "SYNTH_COHORTS",
+    "BTCV_LABELS", "METHODS", "CONTROL_ARMS", "DEFAULT_METHODS", "DataConfig", "SegmentConfig", "RegisterConfig",
+    "FusionConfig", "RefineConfig", "Profile", "PROFILE_NAMES", "get_profile", "SYNTH_COHORTS",
 ]
 
 #: Method names understood by ``isl experiment`` (the paper's variants plus the kit's extensions).
+#: The control arms among them: what ISL's gain is made of, and the test-time adaptation a user would try first.
+CONTROL_ARMS: tuple[str, ...] = ("finetune-atlases", "tent", "pseudo-label", "isl-intensity-matched")
 METHODS: tuple[str, ...] = (
     "baseline", "malf", "isl-intensity", "isl-mask", "isl-mask-ema", "isl-intensity-ema", "isl-mask-ema-malf",
-    # control arms: what ISL's gain is made of, and the test-time adaptation a user would try first
-    "finetune-atlases", "tent", "pseudo-label", "isl-intensity-matched",
+    *CONTROL_ARMS,
 )
 #: The methods run when ``--methods`` is not given.
 DEFAULT_METHODS: tuple[str, ...] = ("baseline", "malf", "isl-intensity", "isl-mask", "isl-mask-ema")
@@ -329,7 +330,7 @@ def _ci() -> Profile:
 
 
 def _smoke() -> Profile:
-    # The ci profile cut further, so that the seven notebooks (and their exercises) run in a few minutes on 2 CPU
+    # The ci profile cut further, so that the notebooks (and their exercises) run in a few minutes on 2 CPU
     # cores. Its numbers only show that everything runs; its synthetic cohort (SYNTH_COHORTS) is small too.
     p = _ci()
     return Profile(name="smoke", data=p.data,

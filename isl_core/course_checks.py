@@ -231,7 +231,40 @@ def check_paired_bootstrap(fn: Callable | None) -> None:
     _correct(f"the interval ({lo:.3f}, {hi:.3f}) agrees with the kit's bootstrap (claims.bootstrap_ci).")
 
 
+# ------------------------------------------------------------------------------------------ 07: TENT's objective
+
+
+def check_mean_entropy(fn: Callable | None) -> None:
+    """Notebook 07: ``mean_entropy(probs)``: the mean over voxels of -sum_c p_c log p_c (nats), probs (C, *spatial)."""
+    fn = _require(fn, "mean_entropy", "(probs)")
+    rng = np.random.default_rng(7)
+    cases = {"a uniform prediction over 4 classes": np.full((4, 3, 5), 0.25),
+             "a one-hot prediction": np.eye(3)[rng.integers(0, 3, (4, 6))].transpose(2, 0, 1),
+             "random class probabilities": rng.dirichlet(np.ones(5), size=(6, 7)).transpose(2, 0, 1)}
+    for what, probs in cases.items():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(probs > 0, -probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0)
+        want = float(terms.sum(axis=0).mean())
+        got = _call(fn, "mean_entropy", probs.copy())
+        if not _same(got, want, 1e-4):  # loose enough for log(p + 1e-6) instead of leaving out p = 0
+            c = probs.shape[0]
+            if _same(got, -want, 1e-4) and want > 0:
+                hint = "the sign: entropy is -sum p log p, which is never negative"
+            elif _same(got, want / c, 1e-4):
+                hint = "sum over the classes (axis 0), then average over the voxels; you averaged over the classes too"
+            elif _same(got, want / np.log(2), 1e-4):
+                hint = "use the natural logarithm (nats), not log2"
+            elif _same(got, math.nan):
+                hint = "0 log 0 counts as 0: leave out (or clip) the zero probabilities before taking the log"
+            else:
+                hint = "the entropy of one voxel is -sum over classes of p log p; then take the mean over the voxels"
+            raise CheckFailed(f"for {what} expected {want:.4f} nats, got {got}: {hint}.")
+    _correct("log 4 = 1.386 nats for a uniform prediction over 4 classes, 0 for a one-hot one, and the mean over "
+             "voxels for random probabilities.")
+
+
 CHECKS: dict[str, Callable[[Callable | None], None]] = {
     "00": check_unit_window, "01": check_organ_dice, "02": check_folding_count, "03": check_moving_average,
-    "04": check_smallest_wilcoxon_p, "05": check_half_life, "06": check_paired_bootstrap}
+    "04": check_smallest_wilcoxon_p, "05": check_half_life, "06": check_paired_bootstrap,
+    "07": check_mean_entropy}
 """Each numbered notebook's check, by the notebook's number."""

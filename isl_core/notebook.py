@@ -3,6 +3,7 @@
     setup = notebook.setup(profile, data_dir, out_dir, device, seed)
     net = setup.baseline()                   # f0: loaded from out_dir/baseline, trained there when missing
     summary, per_case = setup.experiment()   # notebooks 04-06: every method on every inference case, computed once
+    per_case, where = setup.arms_cases()     # notebook 07: the control arms beside ISL on the same cases
 
 Empty parameters are resolved the same way in every notebook (:func:`resolve`): ``profile`` from
 ``$ISL_PROFILE``, else ``"quick"`` (the teaching profile a student sees when opening a notebook; tests and CI pass
@@ -31,13 +32,21 @@ from isl_core.folds import baseline_dir
 from isl_core.register import Atlases
 from isl_core.runtime import resolve_device
 
-__all__ = ["DEFAULT_PROFILE", "Setup", "case_table", "print_config", "resolve", "setup"]
+__all__ = ["ARMS_RUN", "COURSE_METHODS", "DEFAULT_PROFILE", "TTA_ARMS", "Setup", "case_table", "method_table",
+           "organ_means", "print_config", "resolve", "setup"]
 
 #: What a notebook runs when no profile is given: the profile whose numbers show the effects the text describes.
 DEFAULT_PROFILE = "quick"
 #: The top of a checkout (where ``outputs/`` goes); ``None`` in an installed copy without the repository around it.
 _CHECKOUT = Path(__file__).resolve().parents[1]
 REPO: Path | None = _CHECKOUT if (_CHECKOUT / "notebooks").is_dir() else None
+#: The shared experiment's methods: all but the control arms, which would about double its time (notebook 07 reads
+#: them from ARMS_RUN, or runs the ones it needs on request: :meth:`Setup.arms_cases`).
+COURSE_METHODS: tuple[str, ...] = tuple(m for m in config.METHODS if m not in config.CONTROL_ARMS)
+#: The control arms notebook 07 sets beside ISL: test-time adaptation on x* alone, and the atlases unregistered.
+TTA_ARMS: tuple[str, ...] = ("tent", "pseudo-label", "finetune-atlases")
+#: The cross-validated phantom run with every control arm (docs/claims.md), which notebook 07 reads by default.
+ARMS_RUN: Path | None = REPO / "docs" / "claims_runs" / "per_case_phantom_arms.csv" if REPO else None
 
 
 def resolve(profile: str = "", data_dir: str | Path = "", out_dir: str | Path = "") -> tuple[str, Path, Path]:
@@ -106,7 +115,7 @@ class Setup:
         print(f"trained the baseline: {state.step} steps in {state.seconds:.0f} s -> {self.baseline_dir}")
         return net
 
-    def experiment(self, methods: tuple[str, ...] = config.METHODS) -> tuple[dict[str, Any], pd.DataFrame]:
+    def experiment(self, methods: tuple[str, ...] = COURSE_METHODS) -> tuple[dict[str, Any], pd.DataFrame]:
         """The experiment notebooks 04-06 share: ``methods`` on every inference case, into ``out_dir/experiment``.
 
         Returns ``summary.json`` as a dict and ``per_case.csv`` (case x method x organ). The experiment resumes, so
@@ -124,6 +133,31 @@ class Setup:
               f"{len(methods)} methods")
         return summary, per_case
 
+    def arms_cases(self, here: bool = False) -> tuple[pd.DataFrame, str]:
+        """ISL, MALF, the baseline and :data:`TTA_ARMS` on the same cases: a per-case table (``case, method, organ,
+        dice, seconds``, and ``seed`` when there are several) and a sentence saying which cases these are.
+
+        ``here``: the arms run on this run's inference cases, with the same f0 and seeds as the shared experiment,
+        into ``out_dir/experiment_arms`` (resumable; about as long again as the shared experiment), and join its
+        rows. Otherwise the committed cross-validated run :data:`ARMS_RUN` (another cohort: docs/claims.md).
+        """
+        if not here and ARMS_RUN is not None and ARMS_RUN.is_file():
+            return pd.read_csv(ARMS_RUN), ("the cross-validated phantom run of docs/claims.md (24 cases, 4 folds, "
+                                           "each with its own f0; another cohort than this notebook's)")
+        if not here:  # an installed kit without the repository around it (Colab): the run is not there
+            print("the committed run with the control arms ships with a clone of the repository, not with the "
+                  "installed package: running the arms on this run's inference cases instead")
+        from isl_core.experiment import ExperimentSettings, run_experiment
+
+        _, shared = self.experiment()
+        settings = ExperimentSettings(profile=self.profile, methods=("baseline", *TTA_ARMS),
+                                      model=str(self.baseline_dir), seed=self.seed, device=str(self.device),
+                                      progress=False)
+        run_experiment(self.data_dir, self.out_dir / "experiment_arms", settings)
+        arms = pd.read_csv(self.out_dir / "experiment_arms" / "per_case.csv")
+        both = pd.concat([shared, arms[arms["method"] != "baseline"]], ignore_index=True)
+        return both, f"this run's {shared['case'].nunique()} inference cases (the shared experiment's f0)"
+
     def dice(self, pred: Any, truth: Any) -> float:
         """Organ-averaged Dice of two label maps on the working grid (the empty-organ rules of ``evaluate``)."""
         return mean_dice(organ_metrics(pred, truth, self.ds.labels, self.profile.data.spacing, hd95=False))
@@ -132,6 +166,30 @@ class Setup:
 def case_table(per_case: pd.DataFrame, methods: tuple[str, ...] | list[str]) -> pd.DataFrame:
     """Organ-averaged Dice per case (rows) and method (columns), from a long ``per_case`` table."""
     return case_means(per_case).pivot(index="case", columns="method", values="dice")[list(methods)]
+
+
+def method_table(per_case: pd.DataFrame, methods: tuple[str, ...] | list[str]) -> pd.DataFrame:
+    """One row per method: mean organ-averaged Dice over cases, its paired difference from the baseline with the
+    Wilcoxon p-value, and the mean seconds per case (what the method costs alone)."""
+    from isl_core.evaluate import paired_tests
+
+    dice = case_table(per_case, methods).mean()
+    rows = []
+    for m in methods:
+        test = paired_tests(per_case, m, "baseline") if m != "baseline" else {}
+        rows.append({"method": m, "mean_dice": dice[m], "delta_vs_baseline": test.get("delta_mean_dice"),
+                     "p_wilcoxon": test.get("p_value"),
+                     "seconds_per_case": per_case.loc[per_case["method"] == m, "seconds"].mean()})
+    return pd.DataFrame(rows).set_index("method")
+
+
+def organ_means(per_case: pd.DataFrame, methods: tuple[str, ...] | list[str]) -> pd.DataFrame:
+    """Organs (rows, in label order) x methods: mean Dice over the cases where the organ is defined (each case first
+    averaged over its seeds, as the claims do)."""
+    rows = per_case[per_case["method"].isin(methods)]
+    by_case = rows.groupby(["method", "organ", "case"], sort=False)["dice"].mean()
+    table = by_case.groupby(level=[0, 1], sort=False).mean().unstack(0)
+    return table.reindex(index=list(pd.unique(per_case["organ"])), columns=list(methods))
 
 
 def setup(profile: str = "", data_dir: str | Path = "", out_dir: str | Path = "", device: str = "auto",

@@ -307,6 +307,11 @@ def adapt(net0: nn.Module, image: torch.Tensor, atlases: Atlases, profile: Profi
     ``intensity_registration`` reuses an intensity alignment already computed (the ``malf`` baseline's).
     ``on_round(record)`` is called after every round.
     """
+    given = [n for n, v in (("supervision", supervision), ("ema", ema), ("beta", beta), ("initial_mask", initial_mask))
+             if v is not None]
+    if variant is not None and given:  # one of the two would be silently ignored
+        raise ValueError(f"adapt: give the choices either as variant= or as {', '.join(given)}=, not both "
+                         "(dataclasses.replace(variant, ...) changes a variant)")
     variant = variant or Variant(supervision, ema, beta, initial_mask)
     device = resolve_device(device)
     x = as_batch(image)

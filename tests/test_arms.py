@@ -123,3 +123,11 @@ def test_the_matched_arm_spends_the_registration_steps_of_isl_mask(monkeypatch):
     calls.clear()  # plain intensity alignment registers once and reuses it
     refine.adapt(net0, x, atlases, p, C, variant=LOOP_METHODS["isl-intensity"], device="cpu")
     assert len(calls) == 1
+
+
+def test_adapt_refuses_a_variant_together_with_single_choices():
+    """Either every choice at once (variant=) or the profile's with overrides, never both: one would be ignored."""
+    import pytest
+
+    with pytest.raises(ValueError, match="either as variant= or as ema=, not both"):
+        refine.adapt(None, torch.zeros(1, 4, 4, 4), None, None, 2, ema=True, variant=LOOP_METHODS["tent"])

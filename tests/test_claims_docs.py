@@ -125,3 +125,39 @@ def test_claims_md_quotes_the_intervals_over_folds_and_c4s_rank_correlation():
     readme = " ".join((ROOT / "README.md").read_text().split())
     rhos = ", ".join(f"{claims_of[n]['C4']['rho_baseline_vs_gain']:+.2f}" for n in NAMES)
     assert f"Spearman rho over organs {rhos};" in readme, f"README: C4's rho {rhos}"
+
+
+# ---------------------------------------------------------------------------- what makes ISL work (control arms)
+#: runs with every control arm: the "what makes ISL work" table of docs/claims.md and the README quotes them
+ARMS_RUNS = ["phantom_arms"]
+WHY = ("deformation", "C2_matched", "C3_output", "vs_tent", "vs_pseudo_label", "vs_fusion")
+
+
+def _why_row(key: str, c: dict) -> str:
+    return (f"| {key} | {c['method']} vs {c['reference']} | {c['n']} | {c['delta']:+.3f} "
+            f"| [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | [{c['ci95_folds'][0]:+.3f}, {c['ci95_folds'][1]:+.3f}] "
+            f"| {c['p_value']:.3g} | {c['p_holm']:.3g} | **{c['verdict']}** |")
+
+
+@pytest.mark.parametrize("name", ARMS_RUNS)
+def test_arms_run_summary_is_what_the_statistics_give(name):
+    per_case = pd.read_csv(RUNS / f"per_case_{name}.csv")
+    recomputed, stored = claims(per_case), _summary(name)["claims"]
+    for key in ("C1", "C2", "C3", *WHY):
+        for field in ("delta", "p_value", "p_holm"):
+            assert recomputed[key][field] == pytest.approx(stored[key][field], rel=1e-6, abs=1e-12), (key, field)
+        assert recomputed[key]["ci95_folds"] == pytest.approx(stored[key]["ci95_folds"], abs=1e-9), key
+        assert recomputed[key]["verdict"] == stored[key]["verdict"], key
+
+
+@pytest.mark.parametrize("name", ARMS_RUNS)
+def test_what_makes_isl_work_table_is_quoted_from_the_run(name):
+    summary = _summary(name)
+    for where in ("docs/claims.md", "README.md"):
+        text = (ROOT / where).read_text()
+        for key in WHY:
+            assert _why_row(key, summary["claims"][key]) in text, f"{where}: {name} {key} row differs from the run"
+        _assert_means_quoted(text, summary, where)
+    text = (ROOT / "docs" / "claims.md").read_text()
+    for key in ("C1", "C2", "C3"):
+        assert _claim_row(key, summary["claims"][key]) in text, f"docs/claims.md: {name} {key} row"

@@ -127,13 +127,14 @@ def test_why_claims_form_their_own_holm_family_and_leave_the_papers_claims_alone
     paper_only = claims(_table(arms, folds))
     assert not any(name in paper_only for name in WHY_PAIRS)
     assert "omitted" not in paper_only or not set(WHY_PAIRS) & set(paper_only["omitted"])  # arms never ran
-    arms |= {"finetune-atlases": [b + 0.03 + rng.normal(0, 0.01) for b in base],
+    arms |= {"malf": [b + 0.02 + rng.normal(0, 0.01) for b in base],
+             "finetune-atlases": [b + 0.03 + rng.normal(0, 0.01) for b in base],
              "tent": [b + rng.normal(0, 0.01) for b in base], "pseudo-label": [b + 0.01 for b in base],
              "isl-intensity-matched": [b + 0.045 + rng.normal(0, 0.01) for b in base]}
     out = claims(_table(arms, folds))
     for name in ("C1", "C2", "C3"):
         assert out[name]["p_holm"] == paper_only[name]["p_holm"] and out[name]["holm_family"] == "paper"
-    present = ["deformation", "vs_tent", "vs_pseudo_label", "C2_matched"]
+    present = ["deformation", "vs_tent", "vs_pseudo_label", "C2_matched", "vs_fusion"]
     assert all(out[n]["holm_family"] == "why" for n in present)
     assert [out[n]["p_holm"] for n in present] == pytest.approx(holm([out[n]["p_value"] for n in present]))
     assert out["vs_tent"]["delta"] == pytest.approx(np.mean(np.subtract(arms["isl-mask-ema"], arms["tent"])))

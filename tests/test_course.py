@@ -1,7 +1,7 @@
 """Course material: student copies, the book, the pipeline diagram, the Binder set-up and the figure fixes.
 
 The book test builds the real site (Jupyter Book 1) from stand-in executed notebooks: one tiny notebook is
-executed for real (nbclient) and saved under each of the seven numbered names, with the ``index.md`` and
+executed for real (nbclient) and saved under each of the numbered names, with the ``index.md`` and
 ``index.json`` written by ``isl reproduce``'s own writer. That keeps this test at about half a minute; the numbered
 notebooks are executed (once) by tests/test_notebooks.py, and ``make book`` builds from them.
 """
@@ -113,7 +113,7 @@ print("stand-in ran")
 
 @pytest.fixture(scope="module")
 def executed_run(tmp_path_factory):
-    """A folder shaped like ``isl reproduce``'s output, with seven executed stand-in notebooks."""
+    """A folder shaped like ``isl reproduce``'s output, with an executed stand-in for every numbered notebook."""
     from nbclient import NotebookClient
 
     from isl_core.reproduce import _index

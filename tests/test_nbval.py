@@ -1,7 +1,7 @@
 """nbval's part of the notebook tests, cheaply: the references cover every marked cell, the sanitiser masks what
 differs between machines, and nbval (`--nbval-lax`) fails a marked cell whose output changed.
 
-The seven notebooks themselves run under nbval in tests/test_notebooks.py (slow), after the papermill run."""
+The numbered notebooks themselves run under nbval in tests/test_notebooks.py (slow), after the papermill run."""
 
 from __future__ import annotations
 

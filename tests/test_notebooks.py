@@ -3,7 +3,7 @@
 * Static checks (no execution): the opening cites the paper, exactly one ``parameters`` cell with empty defaults
   (``isl_core.notebook.setup`` resolves them), a guarded install cell first, no hand-made profile overrides,
   ``## Exercises`` with at least two exercises and a ``solution``-tagged cell, and no outputs in git.
-* ``executed`` (module fixture, run once): ``isl_core.reproduce.run_notebooks(profile="smoke")`` executes all seven
+* ``executed`` (module fixture, run once): ``isl_core.reproduce.run_notebooks(profile="smoke")`` executes all eight
   with papermill, exactly as ``isl reproduce --profile smoke`` does; the solution cells are ordinary code cells,
   so they run too.
 """
@@ -16,6 +16,8 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from isl_core import config, notebook
@@ -46,8 +48,8 @@ def _tags(cell: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------ static checks
 
 
-def test_the_seven_notebooks_are_there():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06"]
+def test_the_eight_notebooks_are_there():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06", "07"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -192,8 +194,28 @@ def test_glossary_defines_the_terms():
     for term in ("HU", "Softmax", "One-hot", "Arg-max", "Cross-entropy", "Adam", "Patch", "HD95", "Dice", "Atlas",
                  "Registration", "LNCC", "Moving average", "Domain shift", "ISL", "f0", "P", "M", r"D\\\*", "MALF",
                  "Folding", "Wilcoxon", "Holm", "Bootstrap", "Working grid", "Source geometry",
-                 "Test-time adaptation"):
+                 "Test-time adaptation", "TENT", "Pseudo-label", "Entropy", "Control arm"):
         assert re.search(rf"^\*\*{term}[\s.(,]", text, re.M), f"docs/glossary.md: {term} is not defined"
+
+
+def test_method_table_and_organ_means_average_seeds_per_case_first():
+    rows = []
+    for seed, (b, m) in enumerate([(0.5, 0.7), (0.7, 0.7)]):  # case c1: baseline 0.6, method 0.7 over seeds
+        for organ, shift in (("liver", 0.0), ("spleen", 0.2)):
+            rows += [{"case": "c1", "seed": seed, "method": "baseline", "organ": organ, "dice": b + shift,
+                      "seconds": 1.0},
+                     {"case": "c1", "seed": seed, "method": "arm", "organ": organ, "dice": m + shift, "seconds": 3.0}]
+    for method, dice in (("baseline", 0.4), ("arm", 0.3)):  # case c2, one seed only
+        rows += [{"case": "c2", "seed": 0, "method": method, "organ": o, "dice": dice, "seconds": 5.0}
+                 for o in ("liver", "spleen")]
+    per_case = pd.DataFrame(rows)
+    table = notebook.method_table(per_case, ["baseline", "arm"])
+    assert table.loc["baseline", "mean_dice"] == pytest.approx((0.7 + 0.4) / 2)  # c1: (0.6 + 0.8) / 2 = 0.7
+    assert table.loc["arm", "mean_dice"] == pytest.approx((0.8 + 0.3) / 2)
+    assert table.loc["arm", "delta_vs_baseline"] == pytest.approx(((0.8 - 0.7) + (0.3 - 0.4)) / 2)
+    organs = notebook.organ_means(per_case, ["baseline", "arm"])
+    assert list(organs.index) == ["liver", "spleen"] and list(organs.columns) == ["baseline", "arm"]
+    assert organs.loc["spleen", "baseline"] == pytest.approx((0.8 + 0.4) / 2)
 
 
 # ------------------------------------------------------------------------------------------ set-up resolution
@@ -282,7 +304,7 @@ def test_shared_folders_are_reused(executed):
     settings = json.loads((work / "experiment" / "experiment.json").read_text())
     assert settings["stamp"]["model"] == model_fingerprint(work / "baseline")  # the very weights of notebook 01
     summary = json.loads((work / "experiment" / "summary.json").read_text())
-    assert set(config.METHODS) <= set(summary["methods"])
+    assert list(summary["methods"]) == list(notebook.COURSE_METHODS)  # the control arms only on request (07)
 
 
 @pytest.mark.slow
@@ -298,8 +320,31 @@ def test_results_are_stated_from_the_run(executed):
 
 
 @pytest.mark.slow
+def test_tta_notebook_reads_the_committed_arms_and_runs_them_on_request(executed):
+    """07 reads the committed cross-validated run by default; ``arms_here`` runs the arms on this run's inference
+    cases with the shared experiment's f0, so its baseline is the shared experiment's to the bit."""
+    out = executed["out"]
+    printed = _stdout(_load(out / "notebooks" / NOTEBOOKS[7].name)["cells"])
+    assert "Sections 2-3 read the cross-validated phantom run of docs/claims.md" in printed, printed[-2000:]
+    assert re.search(r"TENT's mean entropy went from [\d.]+ to [\d.]+ nats in \d+ steps", printed)
+
+    setup = notebook.setup("smoke", out / "data", out / "work", "cpu")
+    per_case, where = setup.arms_cases(here=True)
+    assert where.startswith("this run's 2 inference cases")
+    assert set(per_case["method"]) == set(notebook.COURSE_METHODS) | set(notebook.TTA_ARMS)
+    shared = per_case[per_case["method"] != "baseline"].groupby("method")["case"].apply(set)
+    assert all(cases == shared["isl-mask-ema"] for cases in shared), "the arms ran on other cases than ISL"
+    arms_baseline = pd.read_csv(out / "work" / "experiment_arms" / "per_case.csv").query("method == 'baseline'")
+    ref = per_case.query("method == 'baseline'")
+    np.testing.assert_allclose(arms_baseline["dice"], ref["dice"], atol=1e-6, equal_nan=True)  # the same f0
+    table = notebook.method_table(per_case, ["baseline", *notebook.TTA_ARMS, "isl-mask-ema"])
+    assert table.loc["baseline", "delta_vs_baseline"] is None or pd.isna(table.loc["baseline", "delta_vs_baseline"])
+    assert (table["seconds_per_case"].drop("baseline") > 0).all()
+
+
+@pytest.mark.slow
 def test_nbval_checks_what_the_learner_reads(executed, tmp_path):
-    """`pytest --nbval-lax` on the seven notebooks at the smoke profile, in the results folder of the papermill run
+    """`pytest --nbval-lax` on the eight notebooks at the smoke profile, in the results folder of the papermill run
     above (the baseline, the experiment and the cached registrations are reused, not recomputed): every cell runs
     without error, and the cells marked `# NBVAL_CHECK_OUTPUT` print what tests/nbval/reference_outputs.json holds,
     up to tests/nbval/sanitize.cfg."""

@@ -130,11 +130,18 @@ def jacobian_panel(ax, det, axis: int = 2, index: int | None = None, title: str 
     return art
 
 
-def organ_dice_figure(table, title: str = "Per-organ Dice", ylabel: str = "Dice", path: str | Path | None = None):
-    """Grouped bars of a DataFrame with organs as rows and methods (or cases, rounds...) as columns."""
+def organ_dice_figure(table, title: str = "Per-organ Dice", ylabel: str = "Dice", path: str | Path | None = None,
+                      differences: bool = False):
+    """Grouped bars of a DataFrame with organs as rows and methods (or cases, rounds...) as columns.
+
+    ``differences``: the values are gains (of either sign): the axis fits them, with a line at 0, instead of 0-1.
+    """
     fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(table) + 2) + 1.6, 3.6))  # + the legend's column
     table.plot.bar(ax=ax, width=0.8)
-    ax.set_ylim(0, 1)
+    if differences:
+        ax.axhline(0.0, color="k", lw=0.8)
+    else:
+        ax.set_ylim(0, 1)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.set_xticks(range(len(table)), [str(i).replace("_", " ") for i in table.index], rotation=40, ha="right",
