@@ -12,7 +12,18 @@ per-organ Dice, the per-case differences against the default) and prints a table
 - ``mask-grid-image``: the soft Dice on the image grid (8 mm) instead of the displacement grid (16-20 mm);
 - ``finetune-60``: 60 fine-tuning steps per round instead of 20 (the moving average updated every 15), the
   fine-tuning budget's share in ISL against multi-atlas fusion;
-- ``appearance-none``: no appearance matching of the warped atlases (the kit's extension switched off).
+- ``appearance-none``: no appearance matching of the warped atlases (the kit's extension switched off);
+- ``rounds-3``: three ISL rounds instead of two (mask supervision acts in rounds 2 and 3, the moving average has
+  three rounds' predictions to average);
+- ``mask-from-1``: mask supervision from round 1 on, onto the baseline's P0, instead of from round 2 (a
+  mask-supervised registration from scratch, as long as the intensity one, in every round).
+
+The last two (with ``warm-start-0``) ask whether mask supervision and the moving average change the result when
+they are given room to act (issue "what makes ISL work", item 4). The rule, fixed before their runs: within a run,
+mask supervision's effect is ``isl-mask - isl-intensity`` and the moving average's ``isl-mask-ema - isl-mask`` (mean
+over the 8 cases; ``isl-intensity`` from the default run where a variant does not change it). A mechanism is said
+to gain room in a variant if its effect there exceeds its effect in the default by more than 0.01 on both tuning
+cohorts; a default changes only by the rule below.
 
 The rule, fixed before the runs: a variant replaces the default only if, on both tuning cohorts, it raises the
 mean Dice of ``isl-mask-ema`` by more than 0.01 and does so on at least 6 of the 8 cases; otherwise the default
@@ -50,6 +61,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "mask-grid-image": (MASK, ["register.mask_grid=image"]),
     "finetune-60": ("isl-intensity,isl-mask-ema", ["refine.finetune_steps=60", "refine.ema_every=15"]),
     "appearance-none": ("isl-intensity,isl-mask-ema", ["refine.appearance=none"]),
+    "rounds-3": ("isl-intensity,isl-intensity-ema,isl-mask,isl-mask-ema", ["refine.rounds=3"]),
+    "mask-from-1": (MASK, ["refine.mask_from_round=1"]),
 }
 
 
@@ -62,6 +75,16 @@ def _per_case(out: Path) -> pd.DataFrame:
     df = pd.read_csv(out / "per_case.csv")
     df = df[df["in_truth"]]
     return df.groupby(["case", "method"])["dice"].mean().unstack()
+
+
+def mechanism_effects(table: pd.DataFrame, ref: pd.DataFrame) -> dict[str, dict[str, float | int]]:
+    """Mask supervision's and the moving average's effect within one run (per-case differences, mean and cases
+    above 0); ``isl-intensity`` comes from the default run ``ref`` where the variant did not run it."""
+    table = table.combine_first(ref[["isl-intensity"]]) if "isl-intensity" not in table else table
+    pairs = {"mask": ("isl-mask", "isl-intensity"), "moving_average": ("isl-mask-ema", "isl-mask")}
+    return {name: {"delta": round(float((table[a] - table[b]).mean()), 4),
+                   "cases_positive": int(((table[a] - table[b]) > 0).sum())}
+            for name, (a, b) in pairs.items() if a in table and b in table}
 
 
 def main() -> None:
@@ -98,6 +121,7 @@ def main() -> None:
                                        "sd": round(float((table[m] - ref[m]).std()), 4),
                                        "cases_better": int(((table[m] - ref[m]) > 0).sum())}
                                    for m in table.columns if m in ref.columns}
+        entry["mechanisms"] = mechanism_effects(table, ref)
         result["variants"][name] = entry
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"tuning_{args.name}.json"
@@ -111,6 +135,9 @@ def main() -> None:
         for m, d in entry.get("vs_default", {}).items():
             print(f"{name:16s} {m:14s} delta {d['delta']:+.4f} (sd {d['sd']:.4f}, better on "
                   f"{d['cases_better']}/{result['n_cases']})")
+        for mech, d in entry["mechanisms"].items():
+            print(f"{name:16s} effect of {mech:14s} {d['delta']:+.4f} (above 0 on {d['cases_positive']}/"
+                  f"{result['n_cases']})")
     print(f"wrote {path}")
 
 
