@@ -42,7 +42,7 @@ from isl_core.folds import Fold, case_seeds, plan_folds
 from isl_core.runtime import UserError, differences, json_safe, read_json, write_csv, write_json
 from isl_core.stamp import make_stamp, stamp_id
 
-__all__ = ["CaseRunner", "ExperimentSettings", "LOOP_METHODS", "run_experiment", "write_results"]
+__all__ = ["CaseRunner", "ExperimentSettings", "LOOP_METHODS", "combine_seeds", "run_experiment", "write_results"]
 
 
 @dataclass
@@ -292,19 +292,32 @@ def _seed_runs(ds: Dataset, out: Path, s: ExperimentSettings, seeds: list[int],
     write_json(out / "experiment.json", {"seeds": seeds, "runs": [str(Path("seeds") / str(seed)) for seed in seeds]})
     runs = {seed: run_experiment(ds.root, out / "seeds" / str(seed),
                                  dataclasses.replace(s, seed=seed, seeds=None), on_case) for seed in seeds}
-    tables = []
+    tables = {}
     for seed in seeds:
         path = out / "seeds" / str(seed) / "per_case.csv"
         if path.is_file():
-            tables.append(pd.read_csv(path).assign(seed=seed))
-    per_case = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+            tables[seed] = pd.read_csv(path)
+    per_case, summary = combine_seeds(tables, runs)
+    failed = {f"seed {seed}: {case}": why for seed, r in runs.items()
+              for case, why in r.get("failed_cases", {}).items()}
     first = runs[seeds[0]]
+    stamp = {k: v for k, v in first["settings"].items() if k != "methods"}
+    return _write_summary(out, ds, summary, per_case, {**stamp, "seed": seeds}, first["methods"], failed)
+
+
+def combine_seeds(tables: dict[int, pd.DataFrame], summaries: dict[int, dict[str, Any]]
+                  ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Single-seed runs of one setting -> every seed's rows in one table (a ``seed`` column) and the summary over
+    them, as ``--seeds`` writes it. ``tables``: each seed's ``per_case.csv``; ``summaries``: each seed's
+    ``summary.json`` (the methods, their seconds and the protocol come from there; the first seed's order)."""
+    seeds = list(summaries)
+    per_case = (pd.concat([t.assign(seed=seed) for seed, t in tables.items()], ignore_index=True) if tables
+                else pd.DataFrame())
+    first = summaries[seeds[0]]
     methods = list(first["methods"])
-    seconds = {m: float(np.nanmean([r["methods"][m]["seconds_per_case"] for r in runs.values()])) for m in methods}
+    seconds = {m: float(np.nanmean([r["methods"][m]["seconds_per_case"] for r in summaries.values()]))
+               for m in methods}
     summary = _summary(per_case, methods, seconds)
     n_cases = int(per_case["case"].nunique()) if len(per_case) else 0
     summary["protocol"] = {**first.get("protocol", {}), "n_cases": n_cases, "seeds": seeds}
-    failed = {f"seed {seed}: {case}": why for seed, r in runs.items()
-              for case, why in r.get("failed_cases", {}).items()}
-    stamp = {k: v for k, v in first["settings"].items() if k != "methods"}
-    return _write_summary(out, ds, summary, per_case, {**stamp, "seed": seeds}, methods, failed)
+    return per_case, summary

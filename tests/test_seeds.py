@@ -75,3 +75,40 @@ def test_seeds_refuse_a_folder_of_a_single_seed_run(tmp_path):
     (tmp_path / "experiment.json").write_text(json.dumps({"stamp": {}, "methods": []}))
     with pytest.raises(UserError, match="without --seeds"):
         run_experiment(tmp_path / "nowhere", tmp_path, ExperimentSettings(profile="ci", seeds=2))
+
+
+def _merge_seeds(*argv: str) -> None:
+    import runpy
+    import sys
+    from pathlib import Path
+
+    old = sys.argv
+    sys.argv = ["merge_seeds.py", *argv]
+    try:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "merge_seeds.py"), run_name="__main__")
+    finally:
+        sys.argv = old
+
+
+@pytest.mark.slow
+def test_single_seed_runs_merged_give_the_seeds_run(seeded, tmp_path):
+    _, out, _, summary = seeded
+    _merge_seeds("--out", str(tmp_path / "merged"), f"3={out / 'seeds' / '3'}", f"4={out / 'seeds' / '4'}")
+    merged = json.loads((tmp_path / "merged" / "summary.json").read_text())
+    assert merged["claims"] == json.loads(json.dumps(summary["claims"]))
+    assert merged["methods"] == json.loads(json.dumps(summary["methods"]))
+    assert merged["protocol"]["seeds"] == [3, 4] and merged["settings"]["seed"] == [3, 4]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "merged" / "per_case.csv"), pd.read_csv(out / "per_case.csv"))
+
+
+def test_merging_refuses_runs_of_different_settings(seeded, tmp_path):
+    _, out, _, _ = seeded
+    other = tmp_path / "other"
+    other.mkdir()
+    one = json.loads((out / "seeds" / "4" / "summary.json").read_text())
+    one["settings"]["folds"] = 3
+    (other / "summary.json").write_text(json.dumps(one))
+    (other / "per_case.csv").write_text((out / "seeds" / "4" / "per_case.csv").read_text())
+    with pytest.raises(SystemExit, match="differ .* in folds"):
+        _merge_seeds("--out", str(tmp_path / "merged"), f"3={out / 'seeds' / '3'}", f"4={other}")
+    assert not (tmp_path / "merged").exists()
