@@ -20,7 +20,7 @@ import pandas as pd
 
 from isl_core import outputs
 from isl_core.experiment import combine_seeds
-from isl_core.runtime import json_safe, read_json, write_csv, write_json
+from isl_core.runtime import differences, json_safe, read_json, write_csv, write_json
 
 #: settings that may differ between the runs: the seed itself, and the dataset's stamp, which holds file times
 #: (a cohort regenerated from the same spec on another day has new ones)
@@ -42,12 +42,14 @@ def main() -> None:
     runs = dict(_parse(r) for r in args.runs)
     summaries = {seed: read_json(folder / "summary.json", "a run's summary") for seed, folder in runs.items()}
     first_seed = next(iter(runs))
-    first = {k: v for k, v in summaries[first_seed]["settings"].items() if k not in MAY_DIFFER}
-    for seed, summary in summaries.items():
-        other = {k: v for k, v in summary["settings"].items() if k not in MAY_DIFFER}
-        if other != first:
-            keys = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
-            raise SystemExit(f"{runs[seed]}: its settings differ from {runs[first_seed]}'s in {', '.join(keys)}; "
+
+    def comparable(seed: int) -> dict:
+        return {k: v for k, v in summaries[seed]["settings"].items() if k not in MAY_DIFFER}
+
+    for seed in summaries:
+        changed = differences(comparable(first_seed), comparable(seed))
+        if changed:
+            raise SystemExit(f"{runs[seed]}: its settings differ from {runs[first_seed]}'s in {', '.join(changed)}; "
                              "only runs of one setting can be combined")
     tables = {seed: pd.read_csv(folder / "per_case.csv") for seed, folder in runs.items()}
     per_case, summary = combine_seeds(tables, summaries)

@@ -4,6 +4,9 @@ over the seeds, the spread is reported, and a rerun resumes instead of recomputi
 from __future__ import annotations
 
 import json
+import runpy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -78,10 +81,6 @@ def test_seeds_refuse_a_folder_of_a_single_seed_run(tmp_path):
 
 
 def _merge_seeds(*argv: str) -> None:
-    import runpy
-    import sys
-    from pathlib import Path
-
     old = sys.argv
     sys.argv = ["merge_seeds.py", *argv]
     try:
