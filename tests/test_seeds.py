@@ -111,3 +111,21 @@ def test_merging_refuses_runs_of_different_settings(seeded, tmp_path):
     with pytest.raises(SystemExit, match="differ .* in folds"):
         _merge_seeds("--out", str(tmp_path / "merged"), f"3={out / 'seeds' / '3'}", f"4={other}")
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.slow
+def test_a_seed_added_to_a_combined_run_gives_the_seeds_run(seeded, tmp_path):
+    """A committed combined run (here: seed 3 alone, merged) plus a later seed equals the run of both at once."""
+    _, out, _, summary = seeded
+    _merge_seeds("--out", str(tmp_path / "first"), f"3={out / 'seeds' / '3'}")
+    _merge_seeds("--out", str(tmp_path / "both"), str(tmp_path / "first"), f"4={out / 'seeds' / '4'}")
+    merged = json.loads((tmp_path / "both" / "summary.json").read_text())
+    assert merged["claims"] == json.loads(json.dumps(summary["claims"]))
+    assert merged["methods"] == json.loads(json.dumps(summary["methods"]))
+    assert merged["protocol"]["seeds"] == [3, 4]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "both" / "per_case.csv"), pd.read_csv(out / "per_case.csv"))
+    with pytest.raises(SystemExit, match="seed 4 is also in"):
+        _merge_seeds("--out", str(tmp_path / "twice"), str(tmp_path / "both"), f"4={out / 'seeds' / '4'}")
+    assert not (tmp_path / "twice").exists()
+    with pytest.raises(SystemExit, match="no seed column"):
+        _merge_seeds("--out", str(tmp_path / "bare"), str(out / "seeds" / "3"))
