@@ -53,7 +53,8 @@ def _seed_runs(specs: list[str]) -> tuple[dict[int, pd.DataFrame], dict[int, dic
             if "seed" not in table.columns:
                 raise SystemExit(f"{folder / 'per_case.csv'}: no seed column, so not a combined run; "
                                  "name its seed: SEED=FOLDER")
-            parts = {int(s): t.drop(columns="seed").reset_index(drop=True) for s, t in table.groupby("seed", sort=False)}
+            parts = {int(s): t.drop(columns="seed").reset_index(drop=True)
+                     for s, t in table.groupby("seed", sort=False)}
         else:
             parts = {seed: table}
         for s, part in parts.items():
