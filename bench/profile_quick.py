@@ -200,8 +200,8 @@ def run(data_dir: Path, profile_name: str, train_steps: int, op_steps: int) -> d
             pre = data.load_cases([case], profile.data, ds.modality)[0]
         with watch.timing("all methods (CaseRunner.run)"):
             results = runner.run(pre["image"], list(DEFAULT_METHODS))
-        for method, (probs, _) in results.items():
-            data.write_prediction(probs, pre, out / method / f"{case.id}.nii.gz")
+        for method, res in results.items():
+            data.write_prediction(res.probs, pre, out / method / f"{case.id}.nii.gz")
             with watch.timing("evaluation (Dice, HD95)"):
                 evaluate_predictions(out / method, [case], ds.labels, method)
     finally:

@@ -16,17 +16,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import torch
 
 from isl_core import outputs
 from isl_core.config import Profile
-from isl_core.data import DatasetError, load_cases, read_dataset_json, write_prediction
+from isl_core.data import DatasetError, load_cases, read_dataset_json, write_nifti, write_prediction
 from isl_core.evaluate import evaluate_predictions, with_grid_dice
 from isl_core.folds import baseline_dir
-from isl_core.fusion import fuse
+from isl_core.fusion import SourceAtlas, fuse, fuse_in_source_geometry
 from isl_core.refine import Variant, as_batch
 from isl_core.register import Atlases, register_atlases
 from isl_core.runtime import UserError, read_json, resolve_device, seed_everything, write_csv, write_json
@@ -52,31 +54,56 @@ LOOP_METHODS: dict[str, Variant] = {
 BASELINE_STAMP = "experiment_stamp.json"  # beside a baseline the experiment trained: what it was trained on
 
 
-class CaseRunner:
-    """Runs every requested method on one inference case, sharing registrations between them."""
+class MethodOutput(NamedTuple):
+    """What one method made of one inference case."""
 
-    def __init__(self, net0, atlases: Atlases, profile: Profile, num_classes: int, device, seed: int):
+    probs: torch.Tensor  # (C,*S) on the working grid
+    seconds: float  # what the method would cost alone
+    source_labels: np.ndarray | None = None  # a label map the method made in the source geometry itself
+
+
+#: methods that vote with the intensity-aligned atlases (one registration and one vote serve them all)
+FUSION_METHODS = ("malf", "malf-source", "isl-mask-ema-malf")
+
+
+class CaseRunner:
+    """Runs every requested method on one inference case, sharing registrations between them.
+
+    ``atlas_sources`` (the atlases' label files, :class:`isl_core.fusion.SourceAtlas`) are needed by ``malf-source``
+    only; ``run`` then needs the inference case's ``reference`` (``data.load_case``) too.
+    """
+
+    def __init__(self, net0, atlases: Atlases, profile: Profile, num_classes: int, device, seed: int,
+                 atlas_sources: Sequence[SourceAtlas] = ()):
         # the same Atlases serve every case: their organ maps are resampled once for the whole experiment
-        self.net0, self.atlases = net0, atlases
+        self.net0, self.atlases, self.atlas_sources = net0, atlases, list(atlas_sources)
         self.profile, self.num_classes, self.device, self.seed = profile, num_classes, device, seed
 
-    def run(self, image: torch.Tensor, methods: Sequence[str]) -> dict[str, tuple[torch.Tensor, float]]:
-        """method -> (probabilities (C,*S) on the working grid, seconds it cost)."""
+    def run(self, image: torch.Tensor, methods: Sequence[str], reference: dict[str, Any] | None = None
+            ) -> dict[str, MethodOutput]:
+        """method -> its :class:`MethodOutput`."""
         x = as_batch(image)
-        out: dict[str, tuple[torch.Tensor, float]] = {}
+        out: dict[str, MethodOutput] = {}
         t0 = time.perf_counter()
         p0 = predict_proba(self.net0, x, self.profile.segment, self.device)[0].cpu()
         t_base = time.perf_counter() - t0
-        out["baseline"] = (p0, t_base)
+        out["baseline"] = MethodOutput(p0, t_base)
         reg_int, malf, t_int, t_fuse = None, None, 0.0, 0.0
-        if "malf" in methods or "isl-mask-ema-malf" in methods:
+        if any(m in methods for m in FUSION_METHODS):
             cfg = dataclasses.replace(self.profile.register, supervision="intensity")
             reg_int = register_atlases(x, self.atlases, cfg, self.num_classes, device=self.device)
             t_int = reg_int.seconds
             t0 = time.perf_counter()
             malf = fuse(x, reg_int, self.profile.fusion)[0].cpu()
             t_fuse = time.perf_counter() - t0
-            out["malf"] = (malf, t_base + t_int + t_fuse)
+            out["malf"] = MethodOutput(malf, t_base + t_int + t_fuse)
+        if "malf-source" in methods:
+            if reference is None or not self.atlas_sources:
+                raise ValueError("malf-source needs the atlases' label files and the inference case's reference")
+            t0 = time.perf_counter()
+            labels = fuse_in_source_geometry(x, reference, self.atlas_sources, reg_int, self.profile.fusion)
+            # on the working grid it is malf: that vote stands for it in the working-grid Dice
+            out["malf-source"] = MethodOutput(malf, t_base + t_int + time.perf_counter() - t0, labels)
         variants, initial_seconds = {}, {}
         for method, variant in LOOP_METHODS.items():
             if method not in methods:
@@ -95,7 +122,7 @@ class CaseRunner:
                                      intensity_registration=reg_int, probs0=(p0, t_base), keep_history=False,
                                      device=self.device, seed=self.seed)
             for method, res in results.items():
-                out[method] = (res.final_probs, res.seconds["total"] + initial_seconds.get(method, 0.0))
+                out[method] = MethodOutput(res.final_probs, res.seconds["total"] + initial_seconds.get(method, 0.0))
         return {m: out[m] for m in methods if m in out}
 
 
@@ -176,8 +203,8 @@ def baseline_run(job: BaselineJob) -> str:
 _RUNNERS: dict[tuple[str, str], CaseRunner] = {}  # per process: one runner (network + atlases) per fold
 
 
-def _runner(job: BaselineJob) -> CaseRunner:
-    key = (str(job.run_dir.resolve()), ",".join(sorted(job.train_ids)))
+def _runner(job: BaselineJob, methods: Sequence[str]) -> CaseRunner:
+    key = (str(job.run_dir.resolve()), ",".join(sorted(job.train_ids)), "malf-source" in methods)
     if key not in _RUNNERS:
         _RUNNERS.clear()  # one fold's atlases at a time: a worker moves through folds, memory stays flat
         ds, train = _cases(job.dataset, job.train_ids)
@@ -186,8 +213,11 @@ def _runner(job: BaselineJob) -> CaseRunner:
         if meta["num_classes"] != ds.num_classes:
             raise DatasetError(f"{job.run_dir / 'config.json'}: the model predicts {meta['num_classes']} classes, "
                                f"the dataset declares {ds.num_classes}; train a model on this dataset")
-        atlases = Atlases.from_cases(load_cases(train, job.profile.data, ds.modality), job.profile.data.spacing)
-        _RUNNERS[key] = CaseRunner(net0, atlases, job.profile, ds.num_classes, device, job.seed)
+        pre = load_cases(train, job.profile.data, ds.modality)
+        atlases = Atlases.from_cases(pre, job.profile.data.spacing)
+        sources = [SourceAtlas.from_case(str(c.label), p) for c, p in zip(train, pre)] if "malf-source" in methods \
+            else []
+        _RUNNERS[key] = CaseRunner(net0, atlases, job.profile, ds.num_classes, device, job.seed, sources)
     return _RUNNERS[key]
 
 
@@ -222,19 +252,23 @@ def run_case(job: CaseJob, baseline: str | None = None) -> dict[str, Any]:
         return read_json(meta, "case result")
     if job.threads:
         torch.set_num_threads(job.threads)
-    runner = _runner(job.baseline)
+    runner = _runner(job.baseline, job.methods)
     ds, (case,) = _cases(job.baseline.dataset, [job.case_id])
     seed_everything(job.case_seed)
     t0 = time.perf_counter()
     pre = load_cases([case], job.baseline.profile.data, ds.modality)[0]
-    results = runner.run(pre["image"], job.methods)
+    results = runner.run(pre["image"], job.methods, pre)
     frames, seconds = [], {}
-    for method, (probs, secs) in results.items():
-        write_prediction(probs, pre, out / "predictions" / method / f"{case.id}.nii.gz")
-        seconds[method] = secs
+    for method, res in results.items():
+        path = out / "predictions" / method / f"{case.id}.nii.gz"
+        if res.source_labels is None:
+            write_prediction(res.probs, pre, path)
+        else:
+            write_nifti(res.source_labels, nib.load(case.image).affine, path)
+        seconds[method] = res.seconds
         if case.label is not None:
             scored = evaluate_predictions(out / "predictions" / method, [case], ds.labels, method)
-            frames.append(with_grid_dice(scored, probs, pre["label"], ds.labels))
+            frames.append(with_grid_dice(scored, res.probs, pre["label"], ds.labels))
     if frames:
         write_csv(pd.concat(frames, ignore_index=True), out / "cases" / f"{case.id}.csv")
     record = {"case": case.id, "split": case.split, "fold": job.baseline.fold, "methods": seconds,

@@ -14,6 +14,8 @@ Why ISL helps (a second Holm family; each claim only when both its methods ran):
   inference-specific deformation adds beyond extra training on the same cohort.
 * vs_tent, vs_pseudo_label: isl-mask-ema vs the test-time adaptations that use x* alone.
 * vs_fusion: isl-mask-ema vs malf: learning from the deformed atlases against voting with them.
+* vs_fusion_source: isl-mask-ema vs malf-source, the same vote taken in the scan's own geometry: vs_fusion without
+  the cost that resampling a soft vote from the working grid adds to fusion alone.
 * C2_matched: isl-mask vs isl-intensity-matched: C2 at the same registration budget.
 * C3_output: isl-intensity-ema vs isl-intensity: what the moving average of the output alone gives.
 
@@ -53,11 +55,12 @@ from isl_core.evaluate import paired_pvalues
 PAPER_PAIRS: dict[str, tuple[str, str]] = {"C1": ("isl-mask-ema", "baseline"), "C2": ("isl-mask", "isl-intensity"),
                                            "C3": ("isl-mask-ema", "isl-mask")}
 #: why ISL helps: a family of its own, so that adding control arms to a run never weakens the paper's claims,
-#: and the six "why" questions are corrected among themselves
+#: and the "why" questions are corrected among themselves
 WHY_PAIRS: dict[str, tuple[str, str]] = {"deformation": ("isl-mask-ema", "finetune-atlases"),
                                          "vs_tent": ("isl-mask-ema", "tent"),
                                          "vs_pseudo_label": ("isl-mask-ema", "pseudo-label"),
                                          "vs_fusion": ("isl-mask-ema", "malf"),
+                                         "vs_fusion_source": ("isl-mask-ema", "malf-source"),
                                          "C2_matched": ("isl-mask", "isl-intensity-matched"),
                                          "C3_output": ("isl-intensity-ema", "isl-intensity")}
 FAMILIES: dict[str, dict[str, tuple[str, str]]] = {"paper": PAPER_PAIRS, "why": WHY_PAIRS}

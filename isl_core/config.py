@@ -34,7 +34,7 @@ __all__ = [
 CONTROL_ARMS: tuple[str, ...] = ("finetune-atlases", "tent", "pseudo-label", "isl-intensity-matched")
 METHODS: tuple[str, ...] = (
     "baseline", "malf", "isl-intensity", "isl-mask", "isl-mask-ema", "isl-intensity-ema", "isl-mask-ema-malf",
-    *CONTROL_ARMS,
+    *CONTROL_ARMS, "malf-source",
 )
 #: The methods run when ``--methods`` is not given.
 DEFAULT_METHODS: tuple[str, ...] = ("baseline", "malf", "isl-intensity", "isl-mask", "isl-mask-ema")

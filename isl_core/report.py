@@ -21,6 +21,7 @@ CLAIM_TEXT = {"C1": "ISL (isl-mask-ema) beats the baseline", "C2": "mask supervi
               "deformation": "the inference-specific deformation adds to the same fine-tuning on unwarped atlases",
               "vs_tent": "ISL beats TENT on x* alone", "vs_pseudo_label": "ISL beats self-training on x*'s own labels",
               "vs_fusion": "ISL beats label fusion of the same deformed atlases (isl-mask-ema vs malf)",
+              "vs_fusion_source": "ISL beats that fusion voted in the scan's own geometry (vs malf-source)",
               "C2_matched": "mask supervision beats intensity alignment at the same registration budget",
               "C3_output": "the moving average of the output alone helps (isl-intensity-ema vs isl-intensity)"}
 PAIR_CLAIMS = tuple(CLAIM_TEXT)  # the paired claims in the order of the report: the paper's, then why

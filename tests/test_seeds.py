@@ -17,7 +17,7 @@ from isl_core.experiment import ExperimentSettings, run_experiment
 from isl_core.runtime import UserError
 
 ALL_ARMS = ["baseline", "malf", "finetune-atlases", "tent", "pseudo-label", "isl-intensity", "isl-intensity-matched",
-            "isl-mask", "isl-mask-ema"]
+            "isl-mask", "isl-mask-ema", "malf-source"]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,21 @@ def test_every_seed_runs_every_arm_and_the_claims_use_the_means(seeded):
         assert {"delta", "ci95", "ci95_folds", "p_value", "p_holm", "n", "verdict"} <= set(summary["claims"][claim])
     for m in ALL_ARMS:
         assert summary["methods"][m]["n_cases"] == 2
+
+
+@pytest.mark.slow
+def test_fusion_in_the_source_geometry_is_scored_beside_malf(seeded):
+    _, out, _, summary = seeded
+    per_case = pd.read_csv(out / "per_case.csv")
+    key = ["case", "seed", "organ"]
+    malf = per_case[per_case["method"] == "malf"].set_index(key)
+    source = per_case[per_case["method"] == "malf-source"].set_index(key)
+    assert len(source) == len(malf) > 0
+    # on the working grid malf-source is malf's vote; in the source geometry it is its own label map
+    pd.testing.assert_series_equal(source["dice_grid"], malf["dice_grid"].loc[source.index])
+    assert source["dice"].between(0, 1).all()
+    claim = summary["claims"]["vs_fusion_source"]
+    assert claim["reference"] == "malf-source" and claim["holm_family"] == "why" and claim["n"] == 2
 
 
 @pytest.mark.slow
