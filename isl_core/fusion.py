@@ -147,7 +147,8 @@ def fuse_in_source_geometry(fixed_image: torch.Tensor, reference: dict[str, Any]
     Each voxel of the scan is followed into the working grid, through the atlas's displacement, and from the atlas's
     working grid into its own label file, where the one-hot label is sampled trilinearly; outside that file it is
     background. The vote is :func:`fuse`'s: majority, or weighted by the same local similarity, interpolated from
-    the working grid. Scan voxels outside the working grid are background, as ``data.to_source_geometry`` makes them.
+    the working grid. Scan voxels beyond the working grid are background, over the same footprint as the label maps
+    that ``data.to_source_geometry`` writes for every other method.
     Written by hand: MONAI resamples between two affine grids, not through a displacement on a third grid.
     """
     if len(atlases) != result.displacement.shape[0]:
@@ -157,8 +158,11 @@ def fuse_in_source_geometry(fixed_image: torch.Tensor, reference: dict[str, Any]
     shape, size = tuple(src.shape[:3]), tuple(result.displacement.shape[2:])
     work = np.asarray(reference["affine"], dtype=np.float64)
     p = _voxels_through(np.linalg.inv(work) @ src.affine, shape)  # scan voxels in working-grid voxels
-    limit = torch.tensor(size, dtype=torch.float32).view(3, 1, 1, 1) - 1
-    inside = ((p > -1e-3) & (p < limit + 1e-3)).all(0)
+    # the footprint of every other method's label map: data.to_source_geometry interpolates with zero padding, which
+    # carries the outermost voxels' arg-max up to one working voxel beyond their centres; the displacement is
+    # continued by its edge there, as warping continues every field
+    extent = torch.tensor(size, dtype=torch.float32).view(3, 1, 1, 1)
+    inside = ((p > -1.0) & (p < extent)).all(0)
     weights = None
     if cfg.method == "weighted":
         weights = local_weights(fixed_image, result.warped_images, cfg).detach().float().cpu()

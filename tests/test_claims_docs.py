@@ -161,3 +161,30 @@ def test_what_makes_isl_work_table_is_quoted_from_the_run(name):
     text = (ROOT / "docs" / "claims.md").read_text()
     for key in ("C1", "C2", "C3"):
         assert _claim_row(key, summary["claims"][key]) in text, f"docs/claims.md: {name} {key} row"
+
+
+# --------------------------------------------------------------- fusion in the source geometry (malf-source)
+#: (arms run, fusion run): docs/claims.md pairs ISL's Dice from the first with malf-source's from the second
+FUSION_RUNS = [("phantom_arms", "phantom_fusion"), ("sample_arms", "sample_fusion")]
+
+
+def fusion_row(t: dict) -> str:
+    """One row of the fusion-in-the-source-geometry table, as docs/claims.md prints it (``bench/fusion_source.py``)."""
+    return (f"| {t['claim']} | {t['method']} vs {t['reference']} | {t['n']} | {t['delta']:+.3f} "
+            f"| [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}] | [{t['ci95_folds'][0]:+.3f}, {t['ci95_folds'][1]:+.3f}] "
+            f"| {t['p_value']:.3g} | {t['below']}/{t['n']} | **{t['verdict']}** |")
+
+
+@pytest.mark.parametrize(("arms", "fusion"), FUSION_RUNS)
+def test_fusion_in_the_source_geometry_is_quoted_from_the_runs(arms, fusion):
+    import runpy
+
+    pair = runpy.run_path(str(ROOT / "bench" / "fusion_source.py"))["fusion_source"]
+    result = pair(pd.read_csv(RUNS / f"per_case_{arms}.csv"), pd.read_csv(RUNS / f"per_case_{fusion}.csv"))
+    stored = claims(pd.read_csv(RUNS / f"per_case_{fusion}.csv"))
+    assert _summary(fusion)["claims"]["source_vs_grid"] == pytest.approx(stored["source_vs_grid"])
+    text = (ROOT / "docs" / "claims.md").read_text()
+    for t in result["tests"]:
+        assert fusion_row(t) in text, f"docs/claims.md: {fusion} {t['claim']} row differs from the runs"
+    means = result["mean_dice"]
+    assert f"malf-source {means['malf-source']:.3f}" in text, f"docs/claims.md: {fusion} malf-source mean"

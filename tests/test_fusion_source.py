@@ -123,6 +123,23 @@ def test_a_finer_scan_keeps_the_atlas_detail_that_resampling_the_vote_loses(tmp_
     assert not np.array_equal(resampled[inside], fine_labels[inside])
 
 
+def test_its_footprint_is_that_of_every_other_methods_label_map(tmp_path):
+    # a working grid inside a larger, finer scan: what lies beyond it is background for every method, over one footprint
+    fine_shape, coarse = (30, 34, 26), (12, 14, 10)
+    work = np.diag([2.0, 2.0, 2.0, 1.0])
+    work[:3, 3] = 3.5
+    scan = _save(tmp_path / "scan.nii.gz", np.zeros(fine_shape, np.float32), np.eye(4))
+    reference = {"affine": work, "source_image": scan}
+    organ = np.ones(fine_shape, dtype=np.uint8)  # an atlas that is organ wherever it has a voxel
+    atlas = SourceAtlas.from_case(_save(tmp_path / "atlas.nii.gz", organ, np.eye(4)), {"affine": work})
+    result = _result(torch.zeros(1, 1, *coarse), torch.ones(1, *coarse, dtype=torch.long), torch.zeros(1, 3, *coarse))
+    source = fuse_in_source_geometry(torch.zeros(1, 1, *coarse), reference, [atlas], result, FusionConfig())
+    organ_probs = torch.zeros(C, *coarse)
+    organ_probs[1] = 1.0
+    assert 0 < (source == 1).sum() < source.size
+    assert np.array_equal(source == 1, to_source_geometry(organ_probs, reference) == 1)
+
+
 def test_it_refuses_atlases_that_do_not_match_the_registration(tmp_path):
     fixed, reference, sources, result, _ = _scene(tmp_path, torch.zeros(2, 3, *SIZE))
     with pytest.raises(ValueError, match="1 source atlases for 2"):
