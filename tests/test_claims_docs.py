@@ -165,7 +165,7 @@ def test_what_makes_isl_work_table_is_quoted_from_the_run(name):
 
 # --------------------------------------------------------------- fusion in the source geometry (malf-source)
 #: (arms run, fusion run): docs/claims.md pairs ISL's Dice from the first with malf-source's from the second
-FUSION_RUNS = [("sample_arms", "sample_fusion")]
+FUSION_RUNS = [("phantom_arms", "phantom_fusion"), ("sample_arms", "sample_fusion")]
 
 
 def fusion_row(t: dict) -> str:
