@@ -200,7 +200,7 @@ def baseline_run(job: BaselineJob) -> str:
     return str(run)
 
 
-_RUNNERS: dict[tuple[str, str], CaseRunner] = {}  # per process: one runner (network + atlases) per fold
+_RUNNERS: dict[tuple[str, str, bool], CaseRunner] = {}  # per process: one runner (network, atlases) per fold
 
 
 def _runner(job: BaselineJob, methods: Sequence[str]) -> CaseRunner:
