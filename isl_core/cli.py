@@ -222,6 +222,9 @@ def _add_stage_commands(sub) -> None:
     p.add_argument("--only", help="comma-separated notebook numbers, e.g. 00,03")
     p.add_argument("--notebooks", help="folder of the numbered notebooks (default: $ISL_NOTEBOOKS, else the "
                    "checkout's notebooks/; a non-editable install needs one of the two)")
+    p.add_argument("--jobs", type=_int_at_least(1), default=1, metavar="N",
+                   help="notebooks that share no results run N at a time (default 1: one after another; 2 helps "
+                   "when kernels start and imports take much of the time, as at the smoke profile)")
     _common(p)
     p.set_defaults(func=commands.reproduce)
 

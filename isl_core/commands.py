@@ -257,4 +257,4 @@ def reproduce(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         raise UserError(f"{'--only ' + args.only + ': ' if only else ''}{e}") from None
     return run_notebooks(out=args.out, profile=args.profile, data=args.data, device=args.device, seed=args.seed,
-                         only=only, notebook_folder=args.notebooks)
+                         only=only, notebook_folder=args.notebooks, jobs=args.jobs)

@@ -3,9 +3,9 @@
 * Static checks (no execution): the opening cites the paper, exactly one ``parameters`` cell with empty defaults
   (``isl_core.notebook.setup`` resolves them), a guarded install cell first, no hand-made profile overrides,
   ``## Exercises`` with at least two exercises and a ``solution``-tagged cell, and no outputs in git.
-* ``executed`` (module fixture, run once): ``isl_core.reproduce.run_notebooks(profile="smoke")`` executes all eight
-  with papermill, exactly as ``isl reproduce --profile smoke`` does; the solution cells are ordinary code cells,
-  so they run too.
+* ``executed`` (module fixture, run once): ``isl_core.reproduce.run_notebooks(profile="smoke", jobs=2)`` executes
+  all eight with papermill, exactly as ``isl reproduce --profile smoke --jobs 2`` does (the chains of
+  ``reproduce.STAGES`` side by side); the solution cells are ordinary code cells, so they run too.
 """
 
 from __future__ import annotations
@@ -246,6 +246,48 @@ def test_resolve_refuses_an_unknown_profile(monkeypatch):
     assert "smoke" in config.PROFILE_NAMES
 
 
+def test_schedule_runs_each_notebook_once_and_after_what_it_reads():
+    from isl_core.reproduce import schedule
+
+    assert schedule(NOTEBOOKS, jobs=1) == [[NOTEBOOKS]]  # one after another, as before --jobs
+    stages = schedule(NOTEBOOKS + [Path("99_extra.ipynb")], jobs=2)
+    flat = [p.name for stage in stages for chain in stage for p in chain]
+    assert sorted(flat) == sorted([p.name for p in NOTEBOOKS] + ["99_extra.ipynb"])
+    assert stages[-1] == [[Path("99_extra.ipynb")]]  # a notebook no stage names runs last, alone
+    stage_of = {p.name[:2]: i for i, stage in enumerate(stages) for chain in stage for p in chain}
+    assert all(stage_of[n] > stage_of["01"] for n in ("02", "03", "04", "05", "06", "07"))
+    only = [p for p in NOTEBOOKS if p.name[:2] in ("03", "05")]
+    assert schedule(only, jobs=2) == [[[only[1]], [only[0]]]]  # empty chains and stages dropped
+
+
+def test_the_chains_of_a_stage_share_no_results():
+    """What ``reproduce.STAGES`` relies on, read from the notebooks' code: the shared experiment is run and read
+    in one chain only, starting with the notebook that runs it first; the baseline every notebook after 01 loads is
+    trained by 01, in an earlier stage; and no notebook writes into another chain's results."""
+    from isl_core.reproduce import STAGES
+
+    code = {p.name[:2]: "\n".join(_source(c) for c in _load(p)["cells"] if c["cell_type"] == "code")
+            for p in NOTEBOOKS}
+    chains = [chain for stage in STAGES for chain in stage]
+    users = {n for n, src in code.items() if "setup.experiment(" in src}
+    [home] = [chain for chain in chains if users & set(chain)]
+    assert users <= set(home), f"notebooks {sorted(users - set(home))} read the experiment outside chain {home}"
+    assert "setup.baseline(" in code["01"] and ("01",) in STAGES[0]
+    assert all("setup.baseline(" not in code[n] for chain in STAGES[0] if chain != ("01",) for n in chain)
+
+    def folders(n: str) -> set[str]:
+        """The results folders under out_dir a notebook writes: its own literals and those of the setup helpers."""
+        names = set(re.findall(r'out_dir / "([^"]+)"', code[n]))
+        helpers = {"experiment": n in users, "experiment_arms": "arms_cases(" in code[n]}
+        return names | {name for name, used in helpers.items() if used}
+
+    for stage in STAGES:
+        for i, a in enumerate(stage):
+            for b in stage[i + 1:]:
+                shared = {f for n in a for f in folders(n)} & {f for n in b for f in folders(n)}
+                assert not shared, f"chains {a} and {b} both write {sorted(shared)}"
+
+
 # ------------------------------------------------------------------------------------------ execution
 
 
@@ -256,9 +298,9 @@ def executed(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("reproduce")
     t0 = time.perf_counter()
-    status = run_notebooks(out=out, profile="smoke", device="cpu")
+    status = run_notebooks(out=out, profile="smoke", device="cpu", jobs=2)
     seconds = time.perf_counter() - t0
-    print(f"\nrun_notebooks(profile='smoke'): {seconds:.0f} s")
+    print(f"\nrun_notebooks(profile='smoke', jobs=2): {seconds:.0f} s")
     return {"out": out, "status": status, "seconds": seconds}
 
 
@@ -347,7 +389,9 @@ def test_nbval_checks_what_the_learner_reads(executed, tmp_path):
     """`pytest --nbval-lax` on the eight notebooks at the smoke profile, in the results folder of the papermill run
     above (the baseline, the experiment and the cached registrations are reused, not recomputed): every cell runs
     without error, and the cells marked `# NBVAL_CHECK_OUTPUT` print what tests/nbval/reference_outputs.json holds,
-    up to tests/nbval/sanitize.cfg."""
+    up to tests/nbval/sanitize.cfg. Two pytest processes run side by side, one per chain of ``reproduce.STAGES``
+    (the notebooks of the earlier stages join the second): the chains share no results, as in ``isl reproduce
+    --jobs 2``."""
     import os
     import subprocess
     import sys
@@ -355,22 +399,36 @@ def test_nbval_checks_what_the_learner_reads(executed, tmp_path):
     import nbformat
     import nbval_support
 
+    from isl_core.reproduce import STAGES
+
     refs = json.loads(nbval_support.REFERENCE.read_text(encoding="utf-8"))
+    *earlier, last = STAGES
+    groups = [list(last[0]), [n for stage in earlier for chain in stage for n in chain] + list(last[1])]
+    assert sorted(n for g in groups for n in g) == [p.name[:2] for p in NOTEBOOKS]
     for path in NOTEBOOKS:
         nb = nbval_support.with_references(path, refs)
         assert any(nbval_support.is_checked(c) for c in nb.cells), f"{path.name}: nbval checks no output"
-        nbformat.write(nb, tmp_path / path.name)
+        [group] = [i for i, g in enumerate(groups) if path.name[:2] in g]
+        (tmp_path / str(group)).mkdir(exist_ok=True)
+        nbformat.write(nb, tmp_path / str(group) / path.name)
     out = executed["out"]
     env = {**os.environ, "ISL_PROFILE": "smoke", "ISL_OUT_DIR": str(out / "work"),
            "ISL_DATA_DIR": str((out / "data").resolve())}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-sanitize-with",
-                           str(nbval_support.SANITIZE), "--nbval-cell-timeout", "1200", "-p", "no:cacheprovider",
-                           "-q", "--rootdir", str(tmp_path), *sorted(str(p) for p in tmp_path.glob("*.ipynb"))],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
-    print(f"\npytest --nbval-lax (smoke, shared results folder): {time.perf_counter() - t0:.0f} s")
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert re.search(r"\d+ passed", proc.stdout) and "failed" not in proc.stdout
+    procs = []
+    for group in range(len(groups)):
+        folder = tmp_path / str(group)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-sanitize-with", str(nbval_support.SANITIZE),
+             "--nbval-cell-timeout", "1200", "-p", "no:cacheprovider", "-q", "--rootdir", str(folder),
+             *sorted(str(p) for p in folder.glob("*.ipynb"))],
+            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [(proc, *proc.communicate()) for proc in procs]
+    print(f"\npytest --nbval-lax (smoke, shared results folder, {len(procs)} at a time): "
+          f"{time.perf_counter() - t0:.0f} s")
+    for proc, stdout, stderr in results:
+        assert proc.returncode == 0, stdout[-6000:] + stderr[-2000:]
+        assert re.search(r"\d+ passed", stdout) and "failed" not in stdout
 
 
 @pytest.mark.slow
