@@ -81,7 +81,11 @@ REPORT = Path("work", "experiment", "report.md")
 RUN_RECORD = "index.json"
 
 
-def _index(out: Path, rows: list[tuple[str, str, float, str]], profile: str, jobs: int, wall: float) -> None:
+def _index(out: Path, rows: list[tuple[str, str, float, str]], profile: str, jobs: int = 1,
+           wall: float | None = None) -> None:
+    """Write ``index.json`` and ``index.md``; ``wall``: the run's wall time so far (default: the notebooks' sum,
+    which it is when they run one at a time)."""
+    wall = sum(r[2] for r in rows) if wall is None else wall
     write_json(out / RUN_RECORD, {"profile": profile, "total_seconds": sum(r[2] for r in rows), "jobs": jobs,
                                   "wall_seconds": wall, "notebooks": {
         name: {"status": status, "seconds": secs, "path": link} for name, status, secs, link in rows}})
