@@ -260,6 +260,33 @@ def test_schedule_runs_each_notebook_once_and_after_what_it_reads():
     assert schedule(only, jobs=2) == [[[only[1]], [only[0]]]]  # empty chains and stages dropped
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failing_notebook_stops_its_chain_and_the_later_stages(tmp_path, jobs):
+    """Stand-in notebooks (one cell each): 01 fails. One at a time, 00 ran before it; two at a time, 00 runs beside
+    it and finishes. Either way 02 (a later stage) never starts, the run returns 1 and the record says which
+    failed."""
+    import nbformat
+    from helpers import tiny_cohort
+
+    from isl_core.reproduce import RUN_RECORD, run_notebooks
+
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    for name, code in (("00_a", "x = 1"), ("01_b", "raise ValueError('stand-in')"), ("02_c", "x = 2")):
+        parameters = nbformat.v4.new_code_cell("# parameters", metadata={"tags": ["parameters"]})
+        nb = nbformat.v4.new_notebook(cells=[parameters, nbformat.v4.new_code_cell(code)])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, folder / f"{name}.ipynb")
+    out = tmp_path / "run"
+    status = run_notebooks(out=out, profile="ci", data=tiny_cohort(tmp_path / "data"), device="cpu",
+                           notebook_folder=folder, jobs=jobs)
+    record = json.loads((out / RUN_RECORD).read_text())
+    assert status == 1 and record["jobs"] == jobs
+    assert {n: r["status"] for n, r in record["notebooks"].items()} == {
+        "00_a.ipynb": "ok", "01_b.ipynb": "failed (cell 3: ValueError)"}  # after papermill's injected parameters
+    assert not (out / "notebooks" / "02_c.ipynb").exists()
+
+
 def test_the_chains_of_a_stage_share_no_results():
     """What ``reproduce.STAGES`` relies on, read from the notebooks' code: the shared experiment is run and read
     in one chain only, starting with the notebook that runs it first; the baseline every notebook after 01 loads is
