@@ -77,7 +77,7 @@ REPORT = Path("work", "experiment", "report.md")
 
 
 #: The run record beside ``index.md``: ``{"profile", "notebooks": {NAME: {"status", "seconds", "path"}},
-#: "total_seconds"}``, notebooks in execution order.
+#: "total_seconds", "jobs", "wall_seconds"}``, notebooks in the order of their numbers.
 RUN_RECORD = "index.json"
 
 
@@ -150,8 +150,9 @@ def run_notebooks(out: str | Path = "outputs/reproduce", profile: str = "quick",
                 print(f"[isl reproduce] {nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
                       f"  the executed notebook with the traceback: {target}", file=sys.stderr)
                 return False
-            record(nb, "ok", time.perf_counter() - t0)
-            print(f"[isl reproduce] {nb.name} ok ({rows[nb.name][2]:.0f} s)", flush=True)
+            secs = time.perf_counter() - t0
+            record(nb, "ok", secs)
+            print(f"[isl reproduce] {nb.name} ok ({secs:.0f} s)", flush=True)
         return True
 
     # Every kernel is told that it runs headless (the slice viewers draw static figures). Set once for the whole
