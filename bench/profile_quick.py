@@ -43,6 +43,7 @@ from registration import device_name, device_slug  # noqa: E402
 from isl_core import casework, data, lncc, losses, register, segment, transforms  # noqa: E402
 from isl_core.config import DEFAULT_METHODS, get_profile  # noqa: E402
 from isl_core.evaluate import evaluate_predictions  # noqa: E402
+from isl_core.patches import PatchStream  # noqa: E402
 from isl_core.register import Atlases  # noqa: E402
 from isl_core.runtime import configure_threads, seed_everything, write_json, write_text  # noqa: E402
 
@@ -133,8 +134,8 @@ HOT = [  # (owner, attribute, label)
     (segment, "train_step", "fine-tuning steps (train_step)"),
     (segment, "predict_proba", "sliding-window inference (predict_proba)"),
     (casework, "fuse", "fusion (malf)"),
-    ("isl_core.refine", "match_appearance", "appearance matching"),
-    ("isl_core.refine", "augment", "fine-tuning augmentation"),
+    ("isl_core.appearance", "match_appearance", "appearance matching"),
+    ("isl_core.appearance", "augment", "fine-tuning augmentation"),
     (data, "to_source_geometry", "resampling to the source geometry"),
     (data, "write_nifti", "writing predictions"),
 ]
@@ -146,7 +147,7 @@ def train_profile(cases, profile, num_classes: int, steps: int, watch: Stopwatch
     net = segment.build_network(cfg, num_classes)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = segment.loss_function()
-    batches = segment._batches(cases, cfg, 0)
+    batches = PatchStream(cases, cfg, 0)
     for _ in range(steps):
         with watch.timing("baseline training: patch loading + augmentation"):
             images, lab = next(batches)
@@ -223,6 +224,7 @@ def run(data_dir: Path, profile_name: str, train_steps: int, op_steps: int) -> d
     return {
         "machine": device_name(torch.device("cpu")), "torch": torch.__version__, "threads": threads,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "profile": profile_name, "case": case.id,
+        "unet_dtype": segment.unet_dtype("cpu", profile.segment.amp),
         "train_steps_measured": train_steps,
         "baseline_training_estimate_s": {
             "optimisation steps": per_step * cfg.max_steps, "patch loading + augmentation": loading * cfg.max_steps,
@@ -249,7 +251,8 @@ def _row_order(label: str) -> tuple[int, str]:
 
 def markdown(r: dict[str, Any]) -> str:
     lines = [f"# Profile of one quick-experiment case ({r['profile']} profile)", "",
-             f"Machine: {r['machine']}, torch {r['torch']} ({r['cpu_capability']}), {r['threads']} threads. "
+             f"Machine: {r['machine']}, torch {r['torch']} ({r['cpu_capability']}), {r['threads']} threads, "
+             f"segmenter in {r.get('unet_dtype', 'fp32')}. "
              f"Case {r['case']}, the five default methods{'; code: ' + r['code'] if r.get('code') else ''}. "
              "Inclusive times (an indented row is part of the first "
              "less indented row above it; the level rows are part of the registration); share of the case's wall "

@@ -10,7 +10,12 @@ on a random batch of the profile's patch size and the cohort's 14 classes) three
    residual units ends in one), forward and backward, in torch's default layout and in ``channels_last_3d``, and
    the same with 16 channels (a multiple of the AVX2 / AVX-512 vector width);
 3. whole steps of the plain network against the whole network in ``channels_last_3d``, alternated, as the median
-   time ratio.
+   time ratio;
+4. whole steps in bf16 autocast against fp32 (the same network, alternated), as the median time ratio. bf16 is
+   forced here even on a CPU without AVX-512 BF16 / AMX, where the kit keeps fp32 (``segment.unet_dtype``): the
+   ratio there shows why.
+
+Parts 1-3 use the kit's own precision on this CPU (``unet_dtype`` in the results file).
 
 Writes ``bench/results/unet_step_<profile>_<device>.json``. Run it on an idle machine (a minute at ``quick``)::
 
@@ -31,7 +36,7 @@ import torch
 
 from isl_core.config import BTCV_LABELS, get_profile
 from isl_core.runtime import configure_threads
-from isl_core.segment import build_network, loss_function, train_step
+from isl_core.segment import build_network, loss_function, train_step, unet_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from registration import device_name, device_slug  # noqa: E402
@@ -109,6 +114,32 @@ def layout_ratio(profile, batch, pairs: int) -> dict[str, float]:
             "median_ratio": round(statistics.median(y / x for x, y in zip(a, b)), 3), "pairs": pairs}
 
 
+def precision_ratio(profile, batch, pairs: int) -> dict[str, float]:
+    """Median time ratio bf16 autocast / fp32 over alternated whole training steps of one network."""
+    from isl_core import segment
+
+    net, opt = _net(profile, False)
+    loss = loss_function()
+    native, segment.has_native_bf16 = segment.has_native_bf16, lambda device: True  # bf16 on any CPU, here only
+    try:
+        for amp in (False, True, False, True):
+            train_step(net, opt, *batch, loss, amp=amp)
+        fp32, bf16 = [], []
+        for _ in range(pairs):
+            t0 = time.perf_counter()
+            train_step(net, opt, *batch, loss, amp=False)
+            t1 = time.perf_counter()
+            train_step(net, opt, *batch, loss, amp=True)
+            t2 = time.perf_counter()
+            fp32.append(t1 - t0)
+            bf16.append(t2 - t1)
+    finally:
+        segment.has_native_bf16 = native
+    return {"fp32_ms": round(statistics.median(fp32) * 1e3, 1), "bf16_ms": round(statistics.median(bf16) * 1e3, 1),
+            "median_ratio": round(statistics.median(y / x for x, y in zip(fp32, bf16)), 3), "pairs": pairs,
+            "cpu_has_native_bf16": native(torch.device("cpu"))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="quick")
@@ -124,12 +155,14 @@ def main() -> None:
     result = {
         "date": datetime.date.today().isoformat(), "device": device_name(torch.device("cpu")), "threads": threads,
         "torch": torch.__version__, "profile": args.profile, "patch": list(size),
+        "unet_dtype": unet_dtype("cpu", profile.segment.amp),
         "batch": profile.segment.batch_size, "classes": NUM_CLASSES,
         "heaviest_operators": heaviest_operators(profile, batch, args.steps, top=12),
         "last_convolution": {f"{c} channels, {'channels_last_3d' if cl else 'default layout'}":
                              last_convolution(size, c, cl, repeats=8)
                              for c in (NUM_CLASSES, 16) for cl in (False, True)},
         "whole_step_channels_last": layout_ratio(profile, batch, args.pairs),
+        "whole_step_bf16": precision_ratio(profile, batch, args.pairs),
     }
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"unet_step_{args.profile}_{device_slug(torch.device('cpu'), result['device'])}.json"
@@ -139,6 +172,7 @@ def main() -> None:
     for name, t in result["last_convolution"].items():
         print(f"last convolution, {name}: forward {t['forward_ms']} ms, backward {t['backward_ms']} ms")
     print("whole step, channels_last_3d / plain:", result["whole_step_channels_last"])
+    print("whole step, bf16 autocast / fp32:", result["whole_step_bf16"])
     print(f"wrote {path}")
 
 

@@ -32,7 +32,7 @@ from isl_core.fusion import SourceAtlas, fuse, fuse_in_source_geometry
 from isl_core.refine import Variant, as_batch
 from isl_core.register import Atlases, register_atlases
 from isl_core.runtime import UserError, read_json, resolve_device, seed_everything, write_csv, write_json
-from isl_core.segment import MODEL, load_segmenter, predict_proba, train_baseline
+from isl_core.segment import MODEL, load_segmenter, predict_proba, train_baseline, unet_dtype
 from isl_core.sharing import adapt_variants
 
 #: Every method that runs the ISL loop (isl_core.refine), as the loop's choices. "mask" stands for the profile's
@@ -273,6 +273,7 @@ def run_case(job: CaseJob, baseline: str | None = None) -> dict[str, Any]:
         write_csv(pd.concat(frames, ignore_index=True), out / "cases" / f"{case.id}.csv")
     record = {"case": case.id, "split": case.split, "fold": job.baseline.fold, "methods": seconds,
               "wall_seconds": time.perf_counter() - t0, "worker": _worker_address(), "stamp_id": job.stamp_id,
-              "stamp": job.baseline.stamp}
+              "stamp": job.baseline.stamp,
+              "unet_dtype": unet_dtype(runner.device, job.baseline.profile.segment.amp)}
     write_json(meta, record)  # last: the mark of a finished case
     return record

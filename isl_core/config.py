@@ -166,7 +166,7 @@ class SegmentConfig(_Checked):
     val_every: int = 30
     checkpoint_every: int = 30
     augment: bool = True
-    amp: bool = True  # only takes effect on CUDA
+    amp: bool = True  # bf16 autocast of the network where the hardware has bf16 (CUDA; CPUs with AVX-512 BF16 / AMX)
     sw_overlap: float = 0.25  # sliding-window inference overlap
     sw_batch_size: int = 4
 

@@ -42,6 +42,8 @@ from isl_core.folds import Fold, case_seeds, plan_folds
 from isl_core.runtime import UserError, differences, json_safe, read_json, write_csv, write_json
 from isl_core.stamp import make_stamp, stamp_id
 
+UNRECORDED = "not recorded"  # the unet_dtype of a case result written before the kit recorded it
+
 __all__ = ["CaseRunner", "ExperimentSettings", "LOOP_METHODS", "combine_seeds", "run_experiment", "write_results"]
 
 
@@ -189,9 +191,11 @@ def run_experiment(dataset: str | Path, out: str | Path, settings: ExperimentSet
         return write_results(out, ds, methods, plan_folds(ds, s.folds, s.fold_seed), stamp, failed)
 
 
-def _collect(out: Path, plan: list[Fold], sid: str) -> tuple[pd.DataFrame, dict[str, list[float]], list[str]]:
-    """The finished cases made under stamp ``sid`` (others are listed, never mixed in)."""
-    frames, seconds, excluded = [], {}, []
+def _collect(out: Path, plan: list[Fold], sid: str
+             ) -> tuple[pd.DataFrame, dict[str, list[float]], list[str], set[str]]:
+    """The finished cases made under stamp ``sid`` (others are listed, never mixed in), their seconds per method,
+    the excluded cases and the precisions the segmenter computed in (``unet_dtype`` of each case record)."""
+    frames, seconds, excluded, dtypes = [], {}, [], set()
     for fold in plan:
         for case in fold.infer:
             meta = out / "cases" / f"{case.id}.json"
@@ -203,6 +207,7 @@ def _collect(out: Path, plan: list[Fold], sid: str) -> tuple[pd.DataFrame, dict[
                 continue
             for m, secs in record["methods"].items():
                 seconds.setdefault(m, []).append(float(secs))
+            dtypes.add(record.get("unet_dtype", UNRECORDED))
             csv = out / "cases" / f"{case.id}.csv"
             if case.label is not None and csv.is_file():
                 df = pd.read_csv(csv)
@@ -212,15 +217,17 @@ def _collect(out: Path, plan: list[Fold], sid: str) -> tuple[pd.DataFrame, dict[
                 df["worker"] = record.get("worker", "")
                 frames.append(df)
     per_case = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return per_case, seconds, excluded
+    return per_case, seconds, excluded, dtypes
 
 
 def write_results(out: Path, ds: Dataset, methods: Sequence[str], plan: list[Fold], stamp: dict[str, Any],
                   failed: dict[str, str] | None = None) -> dict[str, Any]:
     """Aggregate the finished cases of these settings into per_case.csv, summary.json and report.md."""
-    per_case, seconds, excluded = _collect(out, plan, stamp_id(stamp))
+    per_case, seconds, excluded, dtypes = _collect(out, plan, stamp_id(stamp))
     per_case = per_case[per_case["method"].isin(methods)] if len(per_case) else per_case
     summary = _summary(per_case, methods, {m: float(np.mean(v)) for m, v in seconds.items()})
+    # not in the stamp (a run resumed on other hardware is not refused), but said: bf16 and fp32 differ slightly
+    summary["unet_dtype"] = sorted(dtypes)
     if stamp.get("folds"):
         n = per_case["case"].nunique() if len(per_case) else 0
         summary["protocol"] = {"folds": stamp["folds"], "fold_seed": stamp["fold_seed"], "n_cases": int(n),
@@ -320,4 +327,5 @@ def combine_seeds(tables: dict[int, pd.DataFrame], summaries: dict[int, dict[str
     summary = _summary(per_case, methods, seconds)
     n_cases = int(per_case["case"].nunique()) if len(per_case) else 0
     summary["protocol"] = {**first.get("protocol", {}), "n_cases": n_cases, "seeds": seeds}
+    summary["unet_dtype"] = sorted({d for r in summaries.values() for d in r.get("unet_dtype", [UNRECORDED])})
     return per_case, summary

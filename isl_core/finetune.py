@@ -24,7 +24,7 @@ from torch import nn
 from isl_core.appearance import atlas_consensus, augment, match_appearance
 from isl_core.config import Profile
 from isl_core.register import Atlases, RegistrationResult
-from isl_core.segment import loss_function, predict_proba, train_step
+from isl_core.segment import loss_function, network_autocast, predict_proba, train_step
 
 #: What the network learns from in Stage 3: the (deformed) atlases' labels, x*'s own moving-average prediction
 #: (self-training), or the entropy of its prediction on x* (TENT).
@@ -83,11 +83,14 @@ def norm_scale_shift(net: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def entropy_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, grad_clip: float) -> float:
-    """One TENT step: minimise the mean voxel-wise entropy of softmax(net(images))."""
+def entropy_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, grad_clip: float,
+                 amp: bool = True) -> float:
+    """One TENT step: minimise the mean voxel-wise entropy of softmax(net(images)), in the precision of
+    :func:`~isl_core.segment.train_step` (the network is the same; only the objective differs)."""
     net.train()
     optimizer.zero_grad(set_to_none=True)
-    logits = net(images).float()
+    with network_autocast(images.device, amp):
+        logits = net(images).float()
     entropy = -(torch.softmax(logits, 1) * torch.log_softmax(logits, 1)).sum(1).mean()
     entropy.backward()
     if grad_clip:
@@ -141,7 +144,7 @@ class Finetuner:
         x, y = self.batch(images, labels, originals)
         seg = self.profile.segment
         if self.objective == "entropy":
-            return entropy_step(self.net, self.opt, x, seg.grad_clip)
+            return entropy_step(self.net, self.opt, x, seg.grad_clip, seg.amp)
         return train_step(self.net, self.opt, x, y, self.loss_fn, seg.grad_clip, seg.amp)
 
 

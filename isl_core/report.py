@@ -154,6 +154,10 @@ def _header(summary: dict[str, Any], per_case: pd.DataFrame) -> list[str]:
     lines = ["# ISL experiment report", "",
              f"Dataset: `{summary['dataset']}`; profile `{settings['profile']['name']}`; seed {settings['seed']}; "
              f"{how}; {n} evaluated inference cases.", ""]
+    dtypes = summary.get("unet_dtype", [])
+    if dtypes:  # bf16 autocast on hardware that has it (segment.amp); results differ slightly from fp32
+        mixed = " (mixed: the cases were run on different hardware)" if len(dtypes) > 1 else ""
+        lines += [f"Segmenter precision: {', '.join(dtypes)}{mixed}.", ""]
     if summary.get("excluded_cases"):
         lines += [f"Left out (made with other settings): {', '.join(summary['excluded_cases']['cases'])}.", ""]
     if summary.get("failed_cases"):

@@ -2,7 +2,8 @@
 
 The network is a MONAI 3D ``UNet`` or ``DynUNet`` sized by the profile. Training samples patches balanced on
 foreground (``RandCropByPosNegLabeld`` in ``patches.PatchStream``), applies light augmentation, and optimises
-``DiceCELoss`` with AdamW under a warm-up + cosine schedule, with gradient clipping and bf16 autocast on CUDA. A
+``DiceCELoss`` with AdamW under a warm-up + cosine schedule, with gradient clipping and bf16 autocast where the
+hardware computes bf16 natively (CUDA; CPUs with AVX-512 BF16 or AMX: :func:`has_native_bf16`). A
 checkpoint holds only tensors and plain containers (``state_dict`` of net, optimiser and schedule, the step, the
 history, the random state of the patch sampler and of the process), so a resumed training equals an uninterrupted
 one and the checkpoint loads with ``torch.load(..., weights_only=True)``; ``config.json`` beside it rebuilds the
@@ -60,9 +61,33 @@ def loss_function() -> nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
 
 
-def _autocast(device: torch.device, enabled: bool):
+def has_native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bf16 natively, so that autocast speeds the network up rather than slowing it.
+
+    CUDA: the card supports bf16. CPU: AVX-512 BF16 or AMX (recent Xeons): there oneDNN's bf16 convolutions run
+    about twice as fast as fp32 (``bench/unet_step.py``); a CPU without them emulates bf16 and gets slower, so it
+    stays in fp32. torch has no public test of these CPU features; its private ones are read defensively.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported",
+                                                                          "_is_amx_tile_supported"))
+    return False
+
+
+def unet_dtype(device: torch.device | str, amp: bool) -> str:
+    """The precision the segmenter computes in on ``device`` with ``segment.amp`` = ``amp``: "bf16" or "fp32"."""
+    return "bf16" if amp and has_native_bf16(device) else "fp32"
+
+
+def network_autocast(device: torch.device, enabled: bool):
+    """The autocast context of the segmenter's forward pass: bf16 where :func:`unet_dtype` says so, else a no-op."""
     # bf16 needs no gradient scaler, which keeps the training step (and its checkpoint) simple
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                          enabled=unet_dtype(device, enabled) == "bf16")
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
@@ -70,7 +95,7 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
     """One optimisation step on a batch ``images`` (B,1,*S), ``labels`` (B,1,*S) or soft (B,C,*S) targets."""
     net.train()
     optimizer.zero_grad(set_to_none=True)
-    with _autocast(images.device, amp):
+    with network_autocast(images.device, amp):
         logits = net(images)
     loss = loss_fn(logits.float(), labels)
     loss.backward()
@@ -91,7 +116,7 @@ def predict_proba(net: nn.Module, images: torch.Tensor, cfg: SegmentConfig, devi
     if images.ndim == 4:
         images = images[None]
     net.eval()
-    with _autocast(device, cfg.amp):
+    with network_autocast(device, cfg.amp):
         logits = sliding_window_inference(images.to(device), roi_size=cfg.patch_size, sw_batch_size=cfg.sw_batch_size,
                                           predictor=net, overlap=cfg.sw_overlap, mode="gaussian")
     return torch.softmax(torch.as_tensor(logits).float(), dim=1)
@@ -294,7 +319,7 @@ def train_segmenter(train_cases: Sequence[dict[str, Any]], profile: Profile, num
     if out is not None:
         save_segmenter(net, out / MODEL)
         write_json(out / "history.json", {"steps": state.step, "seconds": state.seconds, "history": state.history,
-                                           "resumed_at": state.resumed_at})
+                                           "resumed_at": state.resumed_at, "unet_dtype": unet_dtype(device, cfg.amp)})
     return net, state
 
 

@@ -17,6 +17,7 @@ from isl_core.claims import organ_rows
 from isl_core.data import load_dataset
 from isl_core.experiment import ExperimentSettings, run_experiment
 from isl_core.runtime import UserError
+from isl_core.segment import unet_dtype
 
 METHODS = ["baseline", "malf", "isl-intensity", "isl-mask", "isl-mask-ema"]
 
@@ -47,6 +48,7 @@ def test_summary_has_every_field_of_the_contract(experiment, small_cohort):
         assert {"delta", "ci95", "p_value", "p_holm", "n", "verdict"} <= set(c) and c["n"] == 2
         assert c["verdict"] in ("supported", "not shown", "contradicted")
     assert set(organ_rows(summary["claims"]["C4"])) <= organs and "protocol" not in summary  # no folds
+    assert summary["unet_dtype"] == [unet_dtype("cpu", True)]  # bf16 only on a CPU with AVX-512 BF16 / AMX
     per_case = pd.read_csv(experiment / "per_case.csv")
     assert {"case", "method", "organ", "dice", "dice_grid", "hd95_mm", "seconds", "worker"} <= set(per_case.columns)
     assert "fold" not in per_case.columns
@@ -57,6 +59,7 @@ def test_summary_has_every_field_of_the_contract(experiment, small_cohort):
     report = (experiment / "report.md").read_text()
     assert "## Scored in the source geometry and on the working grid" in report
     assert report.index("## Claims") < report.index("## Methods") and "| C1 | isl-mask-ema vs baseline" in report
+    assert f"Segmenter precision: {unet_dtype('cpu', True)}." in report
     assert report.count("![") >= 3
     for fig in ("per_organ_dice.png", "paired_lines.png", "overlay.png"):
         assert (experiment / "figures" / fig).stat().st_size > 1000

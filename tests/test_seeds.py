@@ -15,6 +15,7 @@ from helpers import tiny_cohort, tiny_profile
 
 from isl_core.experiment import ExperimentSettings, run_experiment
 from isl_core.runtime import UserError
+from isl_core.segment import unet_dtype
 
 ALL_ARMS = ["baseline", "malf", "finetune-atlases", "tent", "pseudo-label", "isl-intensity", "isl-intensity-matched",
             "isl-mask", "isl-mask-ema", "malf-source"]
@@ -55,6 +56,7 @@ def test_every_seed_runs_every_arm_and_the_claims_use_the_means(seeded):
         assert {"delta", "ci95", "ci95_folds", "p_value", "p_holm", "n", "verdict"} <= set(summary["claims"][claim])
     for m in ALL_ARMS:
         assert summary["methods"][m]["n_cases"] == 2
+    assert summary["unet_dtype"] == [unet_dtype("cpu", True)]
 
 
 @pytest.mark.slow

@@ -1,14 +1,27 @@
 """Stage 1: the baseline segmenter learns, checkpoints rebuild it, a killed training resumes."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
+from isl_core import segment
 from isl_core.config import get_profile
 from isl_core.data import load_cases, load_dataset
+from isl_core.finetune import entropy_step
 from isl_core.runtime import resolve_device
-from isl_core.segment import CHECKPOINT, load_segmenter, predict_proba, train_segmenter, validation_dice
+from isl_core.segment import (
+    CHECKPOINT,
+    build_network,
+    load_segmenter,
+    loss_function,
+    predict_proba,
+    train_segmenter,
+    train_step,
+    unet_dtype,
+    validation_dice,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +35,47 @@ class _Killed(Exception):
     pass
 
 
+def _conv_dtypes(net: torch.nn.Module, run) -> set[torch.dtype]:
+    """The dtypes the network's convolutions computed in while ``run()`` ran."""
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype)) for m in net.modules()
+             if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_network_computes_in_bf16_only_where_the_hardware_has_it(monkeypatch, native):
+    # forced both ways, so that each branch runs on any CPU (autocast works everywhere; it is only slow without
+    # the hardware); what the real CPU has decides the default of every run (unet_dtype in summary.json)
+    monkeypatch.setattr(segment, "has_native_bf16", lambda device: native)
+    p = get_profile("ci")
+    torch.manual_seed(0)
+    net = build_network(p.segment, 3)
+    opt = torch.optim.AdamW(net.parameters(), 1e-3)
+    x, y = torch.randn(2, 1, 16, 16, 16), torch.randint(0, 3, (2, 1, 16, 16, 16))
+    expected = {torch.bfloat16} if native else {torch.float32}
+    assert unet_dtype("cpu", True) == ("bf16" if native else "fp32") and unet_dtype("cpu", False) == "fp32"
+    assert _conv_dtypes(net, lambda: train_step(net, opt, x, y, loss_function(), amp=True)) == expected
+    assert _conv_dtypes(net, lambda: train_step(net, opt, x, y, loss_function(), amp=False)) == {torch.float32}
+    assert _conv_dtypes(net, lambda: entropy_step(net, opt, x, 1.0, amp=True)) == expected  # TENT: the same rule
+    probs = predict_proba(net, x[:1], p.segment, "cpu")
+    assert _conv_dtypes(net, lambda: predict_proba(net, x[:1], p.segment, "cpu")) == expected
+    assert probs.dtype == torch.float32  # the probabilities leave the network in fp32 either way
+    assert all(param.dtype == torch.float32 for param in net.parameters())  # weights and optimiser stay fp32
+
+
 def test_auto_device_is_cpu_here():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type in (expected, "mps")
 
 
 @pytest.mark.slow
-def test_ci_profile_learns_the_training_distribution(cases, tmp_path):
+def test_ci_profile_learns_the_training_distribution(cases, tmp_path, monkeypatch):
     ds, train, p = cases
     net, state = train_segmenter(train, p, ds.num_classes, ds.labels, out=tmp_path / "run", device="cpu",
                                  progress=False)
@@ -44,6 +91,13 @@ def test_ci_profile_learns_the_training_distribution(cases, tmp_path):
     torch.testing.assert_close(predict_proba(net, x, p.segment, "cpu"), predict_proba(net2, x, p.segment, "cpu"))
     probs = predict_proba(net2, x, p.segment, "cpu")
     torch.testing.assert_close(probs.sum(1), torch.ones_like(probs[:, 0]))
+    # bf16 (the fast path on CPUs with AVX-512 BF16 / AMX) against fp32 (the plain reference) on the trained
+    # network: the same organs, probabilities within bf16's rounding
+    amp_off = dataclasses.replace(p.segment, amp=False)
+    monkeypatch.setattr(segment, "has_native_bf16", lambda device: True)
+    fast, plain = predict_proba(net2, x, p.segment, "cpu"), predict_proba(net2, x, amp_off, "cpu")
+    agree = (fast.argmax(1) == plain.argmax(1)).float().mean()
+    assert agree > 0.99 and (fast - plain).abs().mean() < 0.01, (agree, (fast - plain).abs().mean())
 
 
 def test_killed_training_resumes_from_its_checkpoint(cases, tmp_path):
