@@ -4,7 +4,10 @@ The control-arm runs predate the ``malf-source`` method. Fusion does not depend 
 registration and the vote never see the network), so a later run of ``baseline,malf,malf-source`` on the same
 cohort, folds and settings gives the source-geometry vote of every case, and this script pairs it with ISL's
 per-case Dice (mean over the seeds) of the arms run. Before pairing it checks that the two runs are of one cohort
-and setting: the same cases and folds, and the same ``malf`` Dice per case (the vote they share), to 1e-9.
+and setting: the same cases and folds, and the same ``malf`` Dice per case (the vote they share) to within
+``MALF_TOLERANCE``: runs made on different CPUs round the registration differently (an Intel Xeon and an AMD EPYC
+gave MALF Dice up to 4.4e-4 apart per case on the real anatomy), while another cohort or setting moves it by
+hundredths.
 
 Reports, as ``claims.compare`` computes them with the kit's verdict rule (Holm over the one added test is the test
 itself): isl-mask-ema vs malf-source, isl-mask-ema vs malf (``vs_fusion`` of the arms run, for reference), malf-source
@@ -27,6 +30,8 @@ import pandas as pd
 from isl_core import claims
 from isl_core.runtime import json_safe
 
+MALF_TOLERANCE = 1e-3  # per-case Dice; see the module docstring
+
 
 def _paired(name: str, a: pd.Series, b: pd.Series, folds: pd.Series) -> dict[str, Any]:
     test = claims.compare(a, b, folds)
@@ -45,7 +50,7 @@ def fusion_source(arms: pd.DataFrame, fusion: pd.DataFrame) -> dict[str, Any]:
             raise SystemExit(f"the two runs differ in their {column}s: not one cohort and split")
     table, other = claims.organ_averaged(arms), claims.organ_averaged(fusion)
     gap = float(np.abs(table["malf"] - other["malf"].reindex(table.index)).max())
-    if not gap <= 1e-9:
+    if not gap <= MALF_TOLERANCE:
         raise SystemExit(f"malf differs between the two runs by up to {gap:.2e} per case: not one cohort and setting")
     isl = table["isl-mask-ema"].rename("isl-mask-ema")
     source = other["malf-source"].rename("malf-source")

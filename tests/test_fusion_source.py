@@ -171,6 +171,8 @@ def test_the_pairing_script_pairs_the_runs_and_refuses_other_cohorts():
     assert np.isclose(tests["source_vote_gain"]["delta"], np.mean(np.subtract(source, malf)))
     assert tests["vs_fusion_source"]["below"] == int((isl_mean < source).sum())
     assert out["seeds_of_isl"] == [0, 1] and out["n_cases"] == 6
+    rounded = fusion.assign(dice=np.where(fusion["method"] == "malf", fusion["dice"] + 4e-4, fusion["dice"]))
+    assert fusion_source(arms, rounded)["n_cases"] == 6  # another CPU's rounding of the same vote: paired
     moved = fusion.assign(dice=np.where(fusion["method"] == "malf", fusion["dice"] + 0.01, fusion["dice"]))
     with pytest.raises(SystemExit, match="malf differs"):
         fusion_source(arms, moved)
