@@ -129,7 +129,7 @@ def test_claims_md_quotes_the_intervals_over_folds_and_c4s_rank_correlation():
 
 # ---------------------------------------------------------------------------- what makes ISL work (control arms)
 #: runs with every control arm: the "what makes ISL work" table of docs/claims.md and the README quotes them
-ARMS_RUNS = ["phantom_arms", "sample_arms", "phantom_appearance_none_arms"]
+ARMS_RUNS = ["phantom_arms", "sample_arms", "phantom_appearance_none_arms", "sample_6mm_arms"]
 WHY = ("deformation", "C2_matched", "C3_output", "vs_tent", "vs_pseudo_label", "vs_fusion")
 
 
